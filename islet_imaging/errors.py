@@ -1,0 +1,40 @@
+"""Exceptions raised for bad user input.
+
+Every error names the file (when there is one) and says what to do, so that a batch job can record it
+and a user can fix it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["ImageReadError", "InputError", "ModelError", "StageError"]
+
+
+class InputError(ValueError):
+    """Bad user input: an unreadable file, a missing channel, a bad pixel size, ...
+
+    Parameters
+    ----------
+    message : str
+        What is wrong and what to do about it.
+    path : path-like, optional
+        The file the problem was found in; prefixed to the message.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.reason = message
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+class ImageReadError(InputError):
+    """An image file is missing, corrupt, truncated or has no usable pixels."""
+
+
+class StageError(InputError):
+    """An unknown stage name or an invalid stage profile."""
+
+
+class ModelError(InputError):
+    """A model directory with missing, mismatched or tampered files."""

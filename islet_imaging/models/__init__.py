@@ -1,0 +1,1 @@
+"""islet_imaging.models"""

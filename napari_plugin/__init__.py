@@ -1,0 +1,1 @@
+"""napari plugin for islet-imaging (thin widgets over the library)."""
