@@ -332,6 +332,18 @@ def _imwrite(
             resolution=(1e4 / float(pixel_size.x), 1e4 / float(pixel_size.y)),
             resolutionunit="CENTIMETER",
         )
+    # OME needs a UUID; derive it from the content (not the clock) so that writing the same field
+    # twice gives identical bytes (the sample plate is regenerated bit for bit)
+    if "UUID" not in metadata:
+        import hashlib
+        import uuid
+
+        digest = hashlib.sha1(np.ascontiguousarray(data).view(np.uint8).ravel())
+        digest.update(repr(sorted(metadata.items())).encode())
+        metadata = {
+            **metadata,
+            "UUID": f"urn:uuid:{uuid.UUID(bytes=digest.digest()[:16], version=5)}",
+        }
     tifffile.imwrite(
         tmp,
         data,
