@@ -5,8 +5,7 @@ Importing the package is cheap: submodules (and torch) load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from islet_imaging._lazy import attach
 
 __version__ = "0.1.0"
 
@@ -28,14 +27,4 @@ _LAZY = {
     "InputError": "islet_imaging.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'islet_imaging' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, eager={"__version__": __version__})

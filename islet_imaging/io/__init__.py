@@ -6,9 +6,7 @@ Submodules load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from islet_imaging._lazy import attach
 from islet_imaging.io._field import Field, Origin, PixelSize
 
 _LAZY = {
@@ -27,14 +25,6 @@ _LAZY = {
     "parse_plate_name": "islet_imaging.io._plate",
 }
 
-__all__ = ["Field", "Origin", "PixelSize", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'islet_imaging.io' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(
+    __name__, _LAZY, eager={"Field": Field, "Origin": Origin, "PixelSize": PixelSize}
+)

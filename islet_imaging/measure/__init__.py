@@ -15,8 +15,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from islet_imaging._lazy import attach
 
 _LAZY = {
     # cells (islet_imaging/measure/_cells.py)
@@ -52,14 +51,4 @@ _LAZY = {
     "truth_summary": "islet_imaging.measure._truth",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'islet_imaging.measure' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -13,8 +13,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from islet_imaging._lazy import attach
 
 _LAZY = {
     "SynthField": "islet_imaging.synth._generate",
@@ -30,14 +29,4 @@ _LAZY = {
     "SAMPLE_PLATE": "islet_imaging.synth._plate",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'islet_imaging.synth' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)
