@@ -282,6 +282,12 @@ def _qc_columns(
         failed = []
         for pop in all_pops:
             per_target[f"qc_{pop}"].append(None)
+        control = table["control"].iloc[i] if "control" in table else None
+        if isinstance(control, str) and control.strip():
+            # a control well is meant to miss the stage's targets: no QC verdict
+            qc_pass.append(None)
+            qc_text.append(f"control well ({control.strip()}): not QC'd")
+            continue
         if profile is not None:
             for target in profile.qc_targets:
                 col = f"fraction_positive_{target.population}"

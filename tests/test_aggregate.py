@@ -195,3 +195,15 @@ def test_monolayer_stage_is_not_flagged_for_few_clusters() -> None:
         fields.assign(stage="sc-islet"),
     ).iloc[0]
     assert bool(row6["low_count"]) and "low_clusters(<5)" in row6["flags"]
+
+
+def test_control_wells_get_no_qc_verdict(tmp_path: Path) -> None:
+    cells, clusters, fields = tables(n_pos=0)  # 0 % INS+: would fail the ≥ 30 % target
+    pm_path = tmp_path / "map.csv"
+    pm_path.write_text(
+        "well,stage,condition,seeded_cells,control\nB03,S6,no-INS control,1000,negative:INS\n"
+    )
+    row = summarize_wells(cells, clusters, fields, plate_map=read_plate_map(pm_path)).iloc[0]
+    assert row["fraction_positive_INS"] == 0.0
+    assert row["qc_pass"] is pd.NA and row["qc_INS"] is pd.NA
+    assert row["qc_failed"] == "control well (negative:INS): not QC'd"

@@ -180,12 +180,18 @@ def check_tables(out: Path, markers: list[str]) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def test_cli_score_plate_end_to_end(tmp_path: Path) -> None:
+def test_cli_score_plate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plate, pm, truth = make_plate(tmp_path)
     out = tmp_path / "out"
-    args = ["-q", "score", str(plate), "--plate-map", str(pm), "--out", str(out), "--no-progress"]
+    args = ["score", str(plate), "--plate-map", str(pm), "--out", str(out), "--no-progress"]
     rc = main([*args, "--save-labels"])
     assert rc == 0
+    # a per-well summary on stdout: the S6 key population with its interval
+    summary = capsys.readouterr().out.splitlines()
+    assert summary[0].split()[:3] == ["well", "stage", "clusters"]
+    assert [line.split()[0] for line in summary[1:]] == ["B03", "B04"]
+    assert all("INS+" in line and "%" in line for line in summary[1:])
+    args.insert(0, "-q")
     tables = check_tables(out, ["INS", "NKX6.1", "GCG"])
     fields = tables["fields"].set_index("image")
     assert sorted(fields.index) == ["B03_f1", "B03_f2", "B04_f1"]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from islet_imaging.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -170,9 +174,59 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if result.tables is not None and not args.quiet:
+        print(well_summary(result.tables.wells, stages_file=args.stages))
     if result.failures:
         log.error(
             "%d image(s) failed; see %s", len(result.failures), Path(args.out) / "failures.csv"
         )
         return 1
     return 0
+
+
+def well_summary(wells: pd.DataFrame, *, stages_file: str | Path | None = None) -> str:
+    """A short per-well text table: stage, clusters, median diameter, IEQ, cells, the stage's first
+    QC population with its 95 % Wilson interval, and QC.
+
+    Parameters
+    ----------
+    wells : pandas.DataFrame
+        The ``wells`` table of a score run.
+    stages_file : path, optional
+        The TOML file with the user's stage profiles, if any.
+    """
+    import pandas as pd
+
+    from islet_imaging.stages import get_stage
+
+    lines = [
+        f"{'well':<6}{'stage':<24}{'clusters':>9}{'median µm':>11}{'IEQ':>9}{'cells':>7}"
+        f"  {'key population (95% CI)':<34}QC"
+    ]
+    for row in wells.to_dict("records"):
+        key = ""
+        try:
+            profile = get_stage(str(row["stage"]), stages_file=stages_file)
+        except InputError:
+            profile = None
+        if profile is not None:
+            pops = [t.population for t in profile.qc_targets] or list(profile.marker_names)
+            pop = pops[0] if pops else None
+            frac = row.get(f"fraction_positive_{pop}") if pop else None
+            if frac is not None and not pd.isna(frac):
+                lo = row.get(f"fraction_positive_{pop}_ci_low", float("nan"))
+                hi = row.get(f"fraction_positive_{pop}_ci_high", float("nan"))
+                key = f"{pop}+ {frac:.1%} ({lo:.1%}-{hi:.1%})"
+        qc = row.get("qc_pass")
+        qc_text = (
+            "n/a"
+            if qc is None or pd.isna(qc)
+            else ("pass" if qc else f"FAIL {row.get('qc_failed') or ''}")
+        )
+        median = row.get("diameter_median_um")
+        median_text = "-" if median is None or pd.isna(median) else f"{median:.0f}"
+        lines.append(
+            f"{row['well']!s:<6}{row['stage']!s:<24}{int(row['n_clusters']):>9}{median_text:>11}"
+            f"{float(row['ieq_total']):>9.2f}{int(row['n_cells']):>7}  {key:<34}{qc_text}"
+        )
+    return "\n".join(lines)
