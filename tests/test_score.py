@@ -325,3 +325,19 @@ def test_cli_score_sample_plate(tmp_path: Path) -> None:
         assert row["n_cells"] == pytest.approx(len(truth_cells), rel=0.25)
     wells = pd.read_csv(out / "wells.csv").set_index("well")
     assert wells.loc["H03", "fraction_positive_INS"] <= 0.02  # the plate's no-INS control well
+    # colony / aggregate fields (512 px) hold whole clusters: interior counts and median
+    # diameters follow the truth (touching clusters merged by the classical model cost a few)
+    big = fields[(fields["width_px"] == 512) & (fields["n_planes"] == 1)].set_index("image")
+    assert len(big) == 11
+    true_n, true_med = {}, {}
+    for image in big.index:
+        tc = pd.read_csv(truth_dir / f"{image}_clusters.csv")
+        interior = tc.loc[~tc["touches_border"].astype(bool), "equivalent_diameter_um"]
+        true_n[image], true_med[image] = len(interior), float(interior.median())
+    assert min(true_n.values()) >= 3
+    assert (big["n_clusters"] >= 2).sum() >= 9
+    assert 0.7 * sum(true_n.values()) <= big["n_clusters"].sum() <= 1.2 * sum(true_n.values())
+    found = big[big["n_clusters"] > 0]
+    rel = [abs(found.loc[i, "diameter_median_um"] / true_med[i] - 1) for i in found.index]
+    assert float(np.median(rel)) < 0.15
+    assert (big.loc[found.index, "ieq_total"] > 0).all()

@@ -370,6 +370,31 @@ def test_committed_sample_plate_matches_the_generator() -> None:
     assert len(pm) == len(SAMPLE_PLATE)
 
 
+def test_sample_plate_colony_and_aggregate_wells_hold_interior_clusters() -> None:
+    """Colony / aggregate wells are imaged large enough to hold whole (interior) clusters."""
+    from islet_imaging.io import read_field
+    from islet_imaging.synth._plate import LARGE_FIELD, MIN_INTERIOR, SAMPLE_PLATE
+
+    large = [w for w in SAMPLE_PLATE if get_stage(w.stage).cluster_kind != "monolayer-patch"]
+    sheets = [w for w in SAMPLE_PLATE if get_stage(w.stage).cluster_kind == "monolayer-patch"]
+    assert {w.well for w in sheets} == {"B01", "B02", "D01", "D02", "E01", "E02"}
+    assert all(f.size == (256, 256) for w in sheets for f in w.fields)
+    flat = [w for w in large if w.well != "H04"]
+    assert len(flat) == 11 and all(f.size == LARGE_FIELD for w in flat for f in w.fields)
+    truth = REPO / "sample_images" / "plate" / "truth"
+    if not (truth / "A01_f1_clusters.csv").exists():
+        pytest.skip("sample_images/plate not present")
+    for w in flat:
+        t = pd.read_csv(truth / f"{w.well}_f1_clusters.csv")
+        interior = t[~t["touches_border"].astype(bool)]
+        assert len(interior) >= MIN_INTERIOR, w.well
+        # whole clusters of realistic size, not shrunken ones
+        assert interior["equivalent_diameter_um"].between(25, 300).all(), w.well
+        assert interior["n_cells"].min() >= 5, w.well
+        img = read_field(REPO / "sample_images" / "plate" / f"{w.well}_f1.ome.tif")
+        assert img.data.shape[-2:] == LARGE_FIELD, w.well
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_protocol_b_is_less_efficient(stage: str) -> None:
     from islet_imaging.synth._plate import _protocol_b

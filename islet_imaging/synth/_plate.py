@@ -13,6 +13,14 @@ Layout (rows = stages in differentiation order)::
     H03       SC-islets, no-INS control (INS antibody omitted: control = negative:INS)
     H04       SC-islets, protocol A, two z-stacks
 
+Monolayer stages (definitive endoderm, gut tube, posterior foregut) are imaged in 256 x 256 px
+fields (166 µm). Colonies and aggregates (50-300 µm) would nearly all be cut by such a small
+field, so the colony / aggregate wells get 512 x 512 px fields (333 µm) and, like a microscopist
+choosing where to image, a field is only kept if it holds at least :data:`MIN_INTERIOR` clusters
+that do not touch the image border (otherwise the next field position, i.e. the next seed, is
+tried). iPSC colonies are drawn 80-220 µm across (2-3 days after passaging) instead of the
+generator's 110-320 µm, which no 333 µm field could hold whole.
+
 Protocol B is a less efficient differentiation: the stage's main population is 30 % rarer and
 unstained / off-target cells more common, so the plate shows real differences between wells.
 
@@ -42,6 +50,16 @@ log = logging.getLogger(__name__)
 #: Master seed of the sample plate.
 PLATE_SEED = 20240601
 PLATE_NAME = "sample-plate"
+#: Field size ``(Y, X)`` of the colony and aggregate wells (333 µm at 0.65 µm/px).
+LARGE_FIELD = (512, 512)
+#: Least number of interior (not border-touching) clusters in a colony / aggregate field.
+MIN_INTERIOR = 3
+#: Field positions (seeds) tried per field before the one with the most interior clusters is kept.
+MAX_ATTEMPTS = 20
+#: Plate-specific look changes: iPSC colonies 2-3 days after passaging.
+_PLATE_LOOKS: dict[str, dict[str, tuple[float, float]]] = {
+    "ipsc": {"cluster_diameter_um": (80.0, 220.0)},
+}
 
 
 @dataclass(frozen=True)
@@ -83,12 +101,25 @@ def _plate() -> tuple[PlateWell, ...]:
         "endocrine-progenitor": 80_000,
         "sc-islet": 50_000,
     }
+    large = (PlateField(size=LARGE_FIELD),)
     wells: list[PlateWell] = []
     for row, profile in zip("ABCDEFGH", list_stages(), strict=False):
+        fields = large if profile.cluster_kind in ("colony", "aggregate") else (PlateField(),)
         for col, condition in (("01", "protocol A"), ("02", "protocol B")):
-            wells.append(PlateWell(f"{row}{col}", profile.name, condition, seeded[profile.name]))
+            wells.append(
+                PlateWell(
+                    f"{row}{col}", profile.name, condition, seeded[profile.name], fields=fields
+                )
+            )
     wells.append(
-        PlateWell("H03", "sc-islet", "no-INS control", seeded["sc-islet"], control="negative:INS")
+        PlateWell(
+            "H03",
+            "sc-islet",
+            "no-INS control",
+            seeded["sc-islet"],
+            control="negative:INS",
+            fields=large,
+        )
     )
     stack = PlateField(size=(160, 160), z=10)
     wells.append(
@@ -115,29 +146,54 @@ def _protocol_b(look: StageLook) -> StageLook:
     return replace(look, cell_types=tuple(types))
 
 
-def _field_seed(well_index: int, field_index: int) -> int:
-    ss = np.random.SeedSequence([PLATE_SEED, well_index, field_index])
+def _field_seed(well_index: int, field_index: int, attempt: int = 0) -> int:
+    key = [PLATE_SEED, well_index, field_index, *([attempt] if attempt else [])]
+    ss = np.random.SeedSequence(key)
     return int(ss.generate_state(1, np.uint32)[0])
 
 
+def _n_interior(synth: SynthField) -> int:
+    return int((~synth.clusters_table["touches_border"].astype(bool)).sum())
+
+
 def generate_plate_field(well: PlateWell, well_index: int, field_index: int) -> SynthField:
-    """The synthetic field ``field_index`` (1-based) of a sample-plate well."""
+    """The synthetic field ``field_index`` (1-based) of a sample-plate well.
+
+    2D colony / aggregate fields are redrawn (next seed) until they hold at least
+    :data:`MIN_INTERIOR` interior clusters; after :data:`MAX_ATTEMPTS` draws the first one with
+    the most interior clusters is kept. Monolayer fields and z-stacks use their first draw.
+    """
     profile = get_stage(well.stage)
     look = look_for(profile)
+    if profile.name in _PLATE_LOOKS:
+        look = replace(look, **_PLATE_LOOKS[profile.name])
     if well.condition == "protocol B":
         look = _protocol_b(look)
     spec = well.fields[field_index - 1]
-    return generate_field(
-        profile,
-        seed=_field_seed(well_index, field_index),
-        size=spec.size,
-        z=spec.z,
-        absent_markers=well.absent_markers,
-        look=look,
-        plate=PLATE_NAME,
-        well=well.well,
-        field_index=field_index,
-    )
+    choose = look.layout != "sheet" and spec.z == 1
+
+    def draw(attempt: int) -> SynthField:
+        return generate_field(
+            profile,
+            seed=_field_seed(well_index, field_index, attempt),
+            size=spec.size,
+            z=spec.z,
+            absent_markers=well.absent_markers,
+            look=look,
+            plate=PLATE_NAME,
+            well=well.well,
+            field_index=field_index,
+        )
+
+    best = draw(0)
+    attempt = 0
+    while choose and _n_interior(best) < MIN_INTERIOR and attempt + 1 < MAX_ATTEMPTS:
+        attempt += 1
+        synth = draw(attempt)
+        if _n_interior(synth) > _n_interior(best):
+            best = synth
+    log.debug("%s field %d: %d interior clusters", well.well, field_index, _n_interior(best))
+    return best
 
 
 def plate_map(wells: tuple[PlateWell, ...] = SAMPLE_PLATE) -> pd.DataFrame:
