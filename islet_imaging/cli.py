@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "score": "islet_imaging.measure._cli",
     "segment": "islet_imaging.models._cli",
     "synth": "islet_imaging.synth._cli",
+    "train": "islet_imaging.train",
     "stages": "islet_imaging._stages_cli",
     "info": "islet_imaging.io._cli",
 }

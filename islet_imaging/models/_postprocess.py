@@ -1,0 +1,560 @@
+"""Post-processing: predicted maps → nucleus and cluster instance labels (2D or 3D).
+
+The inverse of :func:`islet_imaging.models._targets.make_targets`. For each class:
+
+1. foreground = ``<class>_foreground > thresholds.<class>_foreground``;
+2. seeds ("cores") = connected regions where ``<class>_distance > thresholds.<class>_seed``
+   inside the foreground; cores smaller than ``min_seed_fraction`` of the smallest allowed object
+   are dropped;
+3. each foreground component with several seeds is split by a watershed on ``-distance``
+   (in 3D on the stacked plane-wise maps, with seeds linked across planes: cores of adjacent
+   planes that are each other's best overlap form one seed, and a chain is cut where its core
+   area dips — two nuclei stacked in z); a component with one seed or none is one object;
+   neighbouring regions whose shared boundary is not a valley of the distance map (mean
+   distance along it above ``<class>_merge``) are merged again — a neck inside one cluster is
+   not a contact between two;
+4. objects outside the size range (µm, from the stage profile) are removed, labels renumbered
+   1..N;
+5. nucleus → cluster consistency: a nucleus lying mostly inside a cluster is made part of it
+   (the cluster grows to cover the whole nucleus); nuclei outside clusters stay single cells.
+
+Only bounding boxes of components with several seeds are watershed, so memory stays small on
+large images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from islet_imaging.errors import InputError
+from islet_imaging.models._config import Thresholds
+
+__all__ = [
+    "CLUSTER_SPLITS",
+    "border_labels",
+    "instances_from_maps",
+    "maps_to_instances",
+    "object_size_range",
+    "shape_split_instances",
+]
+
+#: Ways to split touching clusters (see :func:`maps_to_instances`).
+CLUSTER_SPLITS: tuple[str, ...] = ("distance", "shape", "none")
+
+
+def object_size_range(
+    diameter_range_um: tuple[float | None, float | None],
+    spacing: Sequence[float],
+) -> tuple[float, float]:
+    """Size range in pixels (2D) or voxels (3D) of objects with these equivalent diameters.
+
+    Parameters
+    ----------
+    diameter_range_um : (float or None, float or None)
+        Smallest and largest equivalent diameter in µm (``None``: no bound).
+    spacing : sequence of float
+        µm per pixel along each axis, ``(y, x)`` or ``(z, y, x)``.
+    """
+    voxel = float(np.prod(spacing))
+    lo, hi = diameter_range_um
+
+    def size(d: float | None, default: float) -> float:
+        if d is None:
+            return default
+        if len(spacing) == 3:
+            return math.pi / 6.0 * d**3 / voxel
+        return math.pi / 4.0 * d**2 / voxel
+
+    return size(lo, 0.0), size(hi, math.inf)
+
+
+def instances_from_maps(
+    foreground: np.ndarray,
+    distance: np.ndarray | None,
+    *,
+    foreground_threshold: float = 0.5,
+    seed_threshold: float = 0.5,
+    min_size: float = 0.0,
+    max_size: float = math.inf,
+    min_seed_size: float = 0.0,
+    merge_threshold: float = 1.0,
+) -> np.ndarray:
+    """Instances of one class from its foreground probability and distance maps.
+
+    Parameters
+    ----------
+    foreground : (Y, X) or (Z, Y, X) ndarray of float
+        Foreground probability.
+    distance : ndarray of float or None
+        Predicted distance map in 0..1, same shape; ``None``: connected components only.
+    foreground_threshold, seed_threshold : float
+    min_size, max_size : float
+        Objects with fewer / more pixels (voxels) are removed.
+    min_seed_size : float
+        Seeds with fewer pixels are ignored.
+    merge_threshold : float
+        Neighbouring watershed regions are merged again when the mean distance along their shared
+        boundary (the lower of the two pixels' values) exceeds this level: a true contact between
+        two objects lies in a valley of the distance map, a neck inside one object does not.
+        ``1.0`` never merges.
+
+    Returns
+    -------
+    ndarray of int32
+        Labels 1..N, consecutive, same shape as ``foreground``.
+    """
+    fg = np.ascontiguousarray(foreground > foreground_threshold)
+    structure = ndi.generate_binary_structure(fg.ndim, 1)
+    labels, n_comps = ndi.label(fg, structure=structure)  # int32, relabelled in place below
+    if n_comps == 0:
+        return labels.astype(np.int32, copy=False)
+    if distance is not None:
+        core_mask = fg & (distance > seed_threshold)
+        del fg
+        if core_mask.ndim == 3 and core_mask.shape[0] > 1:
+            cores, n_cores = _link_cores_3d(core_mask)
+        else:
+            cores, n_cores = ndi.label(core_mask, structure=structure)
+        del core_mask
+        flat_cores = cores.reshape(-1)
+        if n_cores and min_seed_size > 0:
+            small = _count(flat_cores, n_cores) < min_seed_size
+            small[0] = False
+            if small.any():
+                for sl in _chunks(flat_cores.size):
+                    part = flat_cores[sl]
+                    part[small[part]] = 0
+        # the component each core lies in (cores are inside the foreground)
+        core_comp = np.zeros(n_cores + 1, np.int64)
+        flat_labels = labels.reshape(-1)
+        for sl in _chunks(flat_cores.size):
+            c = flat_cores[sl]
+            inside = c > 0
+            core_comp[c[inside]] = flat_labels[sl][inside]
+        n_per_comp = np.bincount(core_comp[1:][core_comp[1:] > 0], minlength=n_comps + 1)
+        next_label = n_comps + 1
+        multi = np.flatnonzero(n_per_comp >= 2)
+        if multi.size:
+            slices = ndi.find_objects(labels)
+            for comp in multi:
+                sl = slices[comp - 1]
+                region = labels[sl]
+                mask = region == comp  # later ids (> n_comps) never equal comp
+                markers = np.where(mask, cores[sl], 0)
+                dist = np.asarray(distance[sl], dtype=np.float32)
+                ws = watershed(-dist, markers=markers, mask=mask)
+                if merge_threshold < 1.0:
+                    ws = _merge_weak_boundaries(ws, dist, merge_threshold)
+                # unreached pixels (none expected inside one component) stay with the component
+                ws_ids, ws_inv = np.unique(ws[mask], return_inverse=True)
+                new = np.where(ws_ids == 0, comp, next_label + np.arange(ws_ids.size))
+                next_label += ws_ids.size
+                region[mask] = new[ws_inv.ravel()]
+        del cores
+    return _finish(labels, min_size, max_size)
+
+
+def _finish(labels: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
+    """Size filter and consecutive renumbering through one lookup table, chunk by chunk."""
+    flat = labels.reshape(-1)
+    n = int(flat.max())
+    sizes = _count(flat, n)
+    keep = (sizes > 0) & (sizes >= min_size) & (sizes <= max_size)
+    keep[0] = False
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    for sl in _chunks(flat.size):
+        flat[sl] = lut[flat[sl]]
+    return labels.astype(np.int32, copy=False)
+
+
+def shape_split_instances(
+    foreground: np.ndarray,
+    *,
+    foreground_threshold: float = 0.5,
+    spacing: Sequence[float] | None = None,
+    h_um: float = 4.0,
+    smooth_um: float = 1.0,
+    min_size: float = 0.0,
+    max_size: float = math.inf,
+) -> np.ndarray:
+    """Instances from a foreground map alone, split by shape (touching round objects).
+
+    Each foreground component's Euclidean distance transform (µm, anisotropic ``spacing``),
+    smoothed by ``smooth_um``, is flooded from its h-maxima of height ``h_um``: two round
+    aggregates joined by a neck become two objects, one irregular aggregate stays one.
+
+    Parameters
+    ----------
+    foreground : (Y, X) or (Z, Y, X) ndarray of float
+    foreground_threshold : float
+    spacing : sequence of float, optional
+        µm per pixel per axis (default 1).
+    h_um : float
+        Minimum depth (µm of distance) of a saddle between two objects.
+    smooth_um : float
+        Gaussian smoothing of the distance transform.
+    min_size, max_size : float
+        Size filter in pixels (voxels).
+
+    Returns
+    -------
+    ndarray of int32
+        Labels 1..N, consecutive.
+    """
+    from skimage.morphology import h_maxima
+
+    fg = np.ascontiguousarray(foreground > foreground_threshold)
+    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * fg.ndim))
+    structure = ndi.generate_binary_structure(fg.ndim, 1)
+    labels, n_comps = ndi.label(fg, structure=structure)
+    del fg
+    if n_comps == 0:
+        return labels.astype(np.int32, copy=False)
+    sigma = [smooth_um / v for v in spacing]
+    next_label = n_comps + 1
+    for comp, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = labels[sl]
+        mask = region == comp
+        if np.count_nonzero(mask) < 2 * max(min_size, 1.0):
+            continue  # cannot hold two objects of the allowed size
+        edt = ndi.gaussian_filter(ndi.distance_transform_edt(mask, sampling=spacing), sigma)
+        peaks = h_maxima(edt, h_um) > 0
+        markers, n_markers = ndi.label(peaks & mask, structure=structure)
+        if n_markers < 2:
+            continue
+        ws = watershed(-edt, markers=markers, mask=mask)
+        ws_ids, ws_inv = np.unique(ws[mask], return_inverse=True)
+        new = np.where(ws_ids == 0, comp, next_label + np.arange(ws_ids.size))
+        next_label += ws_ids.size
+        region[mask] = new[ws_inv.ravel()]
+    return _finish(labels, min_size, max_size)
+
+
+_CHUNK = 1 << 22
+#: 3D seed linking: cores of adjacent planes are one seed when each is the other's best overlap
+#: and they overlap by at least this fraction of the smaller one.
+LINK_OVERLAP = 0.5
+#: A core whose area dips below this fraction of the largest core above and below it in its
+#: chain is a contact between two stacked nuclei: the chain is cut there.
+DIP_RATIO = 0.5
+
+
+def _link_cores_3d(core_mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """3D seeds from per-plane cores (the network's maps are per plane).
+
+    Each plane's cores are labelled in 2D; cores of adjacent planes are linked when they are each
+    other's best overlap (mutual) and overlap by :data:`LINK_OVERLAP` of the smaller; each chain of
+    linked cores is one seed. Along a chain the core area follows the object's cross-section: a
+    deep dip (below :data:`DIP_RATIO` of the largest area on both sides) marks two objects
+    stacked in z, and the dip plane's core is dropped so the chain splits there.
+
+    Returns
+    -------
+    seeds : (Z, Y, X) ndarray of int32
+    n : int
+        Largest seed label.
+    """
+    nz = core_mask.shape[0]
+    cores = np.zeros(core_mask.shape, np.int32)
+    offset = 0
+    s2 = ndi.generate_binary_structure(2, 1)
+    for z in range(nz):
+        lab, n = ndi.label(core_mask[z], structure=s2)
+        cores[z] = np.where(lab > 0, lab + offset, 0)
+        offset += n
+    n_all = offset
+    if n_all == 0:
+        return cores, 0
+    area = _count(cores.reshape(-1), n_all).astype(np.float64)
+    up = np.zeros(n_all + 1, np.int64)  # core → linked core in the plane above (z + 1)
+    down = np.zeros(n_all + 1, np.int64)
+    for z in range(nz - 1):
+        a, b = cores[z], cores[z + 1]
+        both = (a > 0) & (b > 0)
+        if not both.any():
+            continue
+        keys, cnt = np.unique(a[both].astype(np.int64) * (n_all + 1) + b[both], return_counts=True)
+        ia, ib = keys // (n_all + 1), keys % (n_all + 1)
+        # best partner of each core on either side: sort by count, keep the last per core
+        best_a = np.zeros(n_all + 1, np.int64)
+        order = np.argsort(cnt, kind="stable")
+        best_a[ia[order]] = ib[order]
+        best_b = np.zeros(n_all + 1, np.int64)
+        best_b[ib[order]] = ia[order]
+        mutual = (best_a[ia] == ib) & (best_b[ib] == ia)
+        strong = cnt >= LINK_OVERLAP * np.minimum(area[ia], area[ib])
+        ok = mutual & strong
+        up[ia[ok]] = ib[ok]
+        down[ib[ok]] = ia[ok]
+    seed = np.zeros(n_all + 1, np.int32)
+    n_seeds = 0
+    starts = (down == 0) & (area > 0)
+    starts[0] = False  # background
+    for start in np.flatnonzero(starts):
+        chain = [int(start)]
+        while up[chain[-1]]:
+            chain.append(int(up[chain[-1]]))
+        areas = area[chain]
+        drop = np.zeros(len(chain), bool)
+        for j in range(1, len(chain) - 1):
+            if areas[j] <= areas[j - 1] and areas[j] <= areas[j + 1]:
+                if areas[j] < DIP_RATIO * min(areas[:j].max(), areas[j + 1 :].max()):
+                    drop[j] = True
+        n_seeds += 1
+        for j, core in enumerate(chain):
+            if drop[j]:
+                n_seeds += 1  # the chain continues as a new seed after the dip
+                continue
+            seed[core] = n_seeds
+    flat = cores.reshape(-1)
+    for sl in _chunks(flat.size):
+        flat[sl] = seed[flat[sl]]
+    # renumber consecutively (dropped cores and chain breaks leave gaps)
+    present = np.zeros(n_seeds + 1, bool)
+    present[seed] = True
+    present[0] = False
+    lut = np.zeros(n_seeds + 1, np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    for sl in _chunks(flat.size):
+        flat[sl] = lut[flat[sl]]
+    return cores, int(present.sum())
+
+
+def _chunks(n: int) -> list[slice]:
+    """Slices of at most 4 M elements: per-pixel temporaries stay small on huge images."""
+    return [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
+
+
+def _count(flat: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(flat, minlength=n + 1)`` in chunks (bincount copies its input to int64)."""
+    counts = np.zeros(n + 1, np.int64)
+    for sl in _chunks(flat.size):
+        counts += np.bincount(flat[sl], minlength=n + 1)[: n + 1]
+    return counts
+
+
+def _merge_weak_boundaries(ws: np.ndarray, distance: np.ndarray, level: float) -> np.ndarray:
+    """Merge neighbouring regions of ``ws`` whose shared boundary is not a valley of ``distance``.
+
+    Returns compact labels (0 = background, 1..k).
+    """
+    ids, inv = np.unique(ws, return_inverse=True)
+    ws = inv.reshape(ws.shape).astype(np.int32)
+    if ids[0] != 0:  # no background inside the crop: shift so that 0 stays background
+        ws += 1
+    n = int(ws.max())
+    if n < 2:
+        return ws
+    a_all, b_all, v_all = [], [], []
+    for ax in range(ws.ndim):
+        lo = [slice(None)] * ws.ndim
+        hi = [slice(None)] * ws.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        a, b = ws[tuple(lo)], ws[tuple(hi)]
+        edge = (a != b) & (a > 0) & (b > 0)
+        if edge.any():
+            a_all.append(a[edge])
+            b_all.append(b[edge])
+            v_all.append(np.minimum(distance[tuple(lo)][edge], distance[tuple(hi)][edge]))
+    if not a_all:
+        return ws
+    a = np.concatenate(a_all).astype(np.int64)
+    b = np.concatenate(b_all).astype(np.int64)
+    v = np.concatenate(v_all).astype(np.float64)
+    lo_id, hi_id = np.minimum(a, b), np.maximum(a, b)
+    key = lo_id * (n + 1) + hi_id
+    keys, inv = np.unique(key, return_inverse=True)
+    mean = np.bincount(inv.ravel(), weights=v, minlength=keys.size) / np.bincount(
+        inv.ravel(), minlength=keys.size
+    )
+    parent = np.arange(n + 1)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for k in keys[mean > level]:
+        ra, rb = find(int(k // (n + 1))), find(int(k % (n + 1)))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(i) for i in range(n + 1)])
+    return roots[ws]
+
+
+def _attach_nuclei_to_clusters(nuclei: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Grow clusters over the nuclei that lie mostly inside them (in place)."""
+    n_nuc, n_clu = int(nuclei.max()), int(clusters.max())
+    if n_nuc == 0 or n_clu == 0:
+        return clusters
+    flat_n, flat_c = nuclei.reshape(-1), clusters.reshape(-1)
+    keys_all, counts_all = [], []
+    for sl in _chunks(flat_n.size):
+        a, b = flat_n[sl], flat_c[sl]
+        both = (a > 0) & (b > 0)
+        if both.any():
+            k, c = np.unique(a[both].astype(np.int64) * (n_clu + 1) + b[both], return_counts=True)
+            keys_all.append(k)
+            counts_all.append(c)
+    if not keys_all:
+        return clusters
+    keys, inv = np.unique(np.concatenate(keys_all), return_inverse=True)
+    counts = np.bincount(inv.ravel(), weights=np.concatenate(counts_all))
+    nuc, clu = keys // (n_clu + 1), keys % (n_clu + 1)
+    nuc_sizes = _count(flat_n, n_nuc)
+    # best cluster per nucleus: sort by (nucleus, count) and take the last per nucleus
+    order = np.lexsort((counts, nuc))
+    nuc, clu, counts = nuc[order], clu[order], counts[order]
+    last = np.r_[nuc[1:] != nuc[:-1], True]
+    nuc, clu, counts = nuc[last], clu[last], counts[last]
+    mostly = counts * 2 > nuc_sizes[nuc]
+    target = np.zeros(n_nuc + 1, clusters.dtype)
+    target[nuc[mostly]] = clu[mostly]
+    for sl in _chunks(flat_n.size):
+        t = target[flat_n[sl]]
+        grow = t > 0
+        flat_c[sl][grow] = t[grow]
+    return clusters
+
+
+def maps_to_instances(
+    maps: Mapping[str, np.ndarray],
+    *,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
+    spacing: Sequence[float] | None = None,
+    nucleus_diameter_um: tuple[float | None, float | None] = (None, None),
+    cluster_diameter_um: tuple[float | None, float | None] = (None, None),
+    cluster_split: str = "distance",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus and cluster instance labels from the network's maps.
+
+    Parameters
+    ----------
+    maps : dict of str to (Y, X) or (Z, Y, X) ndarray of float
+        ``"nuclei_foreground"`` (required), ``"nuclei_distance"``, ``"clusters_foreground"``,
+        ``"clusters_distance"`` — probabilities / distances in 0..1 (after sigmoid), as
+        :func:`~islet_imaging.models._targets.make_targets` makes them.
+    thresholds : Thresholds or dict, optional
+        Post-processing thresholds (default :class:`Thresholds()`).
+    spacing : sequence of float, optional
+        µm per pixel, ``(y, x)`` or ``(z, y, x)``; needed for the size filters (default 1 µm).
+    nucleus_diameter_um : (min, max)
+        Equivalent diameters of plausible nuclei, e.g. the stage profile's
+        ``nucleus_diameter_um``; smaller and larger objects are removed.
+    cluster_diameter_um : (min, max)
+        Equivalent diameters of clusters, e.g. ``(profile.min_cluster_diameter_um, None)``.
+    cluster_split : {"distance", "shape", "none"}
+        How touching clusters are split: ``"distance"`` — seeds from the predicted cluster
+        distance map (the inverse of the training targets); ``"shape"`` — by the shape of the
+        predicted cluster foreground (:func:`shape_split_instances`, saddle depth
+        ``thresholds.clusters_shape_h`` × the smallest cluster's radius); ``"none"`` — connected
+        components (monolayer patches of arbitrary shape). Inference picks it with
+        :func:`islet_imaging.models.inference.cluster_split_for`.
+
+    Returns
+    -------
+    nuclei, clusters : ndarray of int32
+        Same shape as the maps, labels 1..N consecutive. ``clusters`` is all zero when the maps
+        have no cluster head.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from islet_imaging.models._targets import make_targets
+    >>> lab = np.zeros((20, 30), np.int32); lab[2:12, 2:12] = 1; lab[2:12, 12:22] = 2
+    >>> t = make_targets(lab, (lab > 0).astype(np.int32))
+    >>> nuc, clu = maps_to_instances(t)
+    >>> int(nuc.max()), int(clu.max()), bool((nuc == lab).all())
+    (2, 1, True)
+    """
+    if "nuclei_foreground" not in maps:
+        raise InputError(f"maps need 'nuclei_foreground'; got {sorted(maps)}")
+    if cluster_split not in CLUSTER_SPLITS:
+        raise InputError(f"cluster_split {cluster_split!r} is not one of {list(CLUSTER_SPLITS)}")
+    if thresholds is None:
+        th = Thresholds()
+    elif isinstance(thresholds, Thresholds):
+        th = thresholds
+    else:
+        th = Thresholds.from_dict(thresholds)
+    shape = np.shape(maps["nuclei_foreground"])
+    for key, value in maps.items():
+        if np.shape(value) != shape:
+            raise InputError(f"map {key!r} has shape {np.shape(value)}, expected {shape}")
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        raise InputError(f"maps must be (Y, X) or (Z, Y, X), got shape {shape}")
+    if spacing is None:
+        spacing = (1.0,) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim:
+        raise InputError(f"spacing {spacing} has {len(spacing)} values for {ndim}-D maps")
+
+    out: dict[str, np.ndarray] = {}
+    for cls_name, diameters in (
+        ("nuclei", nucleus_diameter_um),
+        ("clusters", cluster_diameter_um),
+    ):
+        fg = maps.get(f"{cls_name}_foreground")
+        if fg is None:
+            out[cls_name] = np.zeros(shape, np.int32)
+            continue
+        t = th.for_class(cls_name)
+        lo, hi = object_size_range(diameters, spacing)
+        if cls_name == "clusters" and cluster_split in ("shape", "none"):
+            radius = 0.5 * (diameters[0] if diameters[0] is not None else 20.0)
+            out[cls_name] = shape_split_instances(
+                np.asarray(fg),
+                foreground_threshold=t["foreground"],
+                spacing=spacing,
+                h_um=th.clusters_shape_h * radius if cluster_split == "shape" else math.inf,
+                min_size=lo,
+                max_size=hi,
+            )
+            continue
+        out[cls_name] = instances_from_maps(
+            np.asarray(fg),
+            None
+            if maps.get(f"{cls_name}_distance") is None
+            else np.asarray(maps[f"{cls_name}_distance"]),
+            foreground_threshold=t["foreground"],
+            seed_threshold=t["seed"],
+            min_size=lo,
+            max_size=hi,
+            min_seed_size=t["min_seed_fraction"] * lo,
+            merge_threshold=t["merge"],
+        )
+    clusters = out["clusters"]
+    if clusters.any():
+        clusters = _attach_nuclei_to_clusters(out["nuclei"], clusters)
+    return out["nuclei"], clusters
+
+
+def border_labels(labels: np.ndarray, *, axes: Sequence[int] | None = None) -> set[int]:
+    """Labels of objects cut by the image border.
+
+    Parameters
+    ----------
+    labels : ndarray of int
+    axes : sequence of int, optional
+        Axes whose two ends count as border (default: the last two, Y and X — a z-stack's top and
+        bottom planes usually do not cut objects the way the field edge does).
+    """
+    labels = np.asarray(labels)
+    if axes is None:
+        axes = tuple(range(labels.ndim))[-2:]
+    found: set[int] = set()
+    for ax in axes:
+        for idx in (0, -1):
+            edge = np.take(labels, idx, axis=ax)
+            found.update(int(v) for v in np.unique(edge) if v)
+    return found

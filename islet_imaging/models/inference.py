@@ -1,0 +1,746 @@
+"""Scale-aware, tiled inference: a Field in, nucleus and cluster instance labels out.
+
+Steps of :func:`segment_cnn`:
+
+1. **Inputs** (:func:`prepare_input`): the nuclear stain (found through the stage profile) and,
+   for a ``"cluster"`` input, the profile's ``cluster_input`` image — the nuclear stain, or the
+   sum of all channels each normalised first (then normalised again). Each channel is mapped
+   with the config's percentiles (computed on a subsample of the whole stack) to ~0..1.
+2. **Scale** (:func:`rescale_factor`): the image is resampled (bilinear, antialiased when
+   shrinking) so that its pixels have the model's training size; without a pixel size, the
+   nucleus diameter in pixels (``nucleus_diameter_um`` given as pixels) sets the scale, or it is
+   estimated from the image (a scale-normalised LoG).
+3. **Tiles** (:func:`predict_maps`): the image is cut into overlapping tiles (starts aligned to the
+   network's pooling grid), run in batches under ``torch.inference_mode`` and blended with
+   separable cosine weights that ignore each tile's outer quarter-overlap; the weight sum is the
+   outer product of two 1D sums, and rows are finished one row of tiles at a time, so besides
+   the input only the output maps (float16 in :func:`segment_cnn`) and one row of tiles are held.
+   With the default 128 px overlap a tiled result equals the untiled one to ~1e-5.
+4. **Back** to the field's grid: maps are resampled bilinearly to the native resolution and
+   post-processed there (:func:`~islet_imaging.models._postprocess.maps_to_instances`) with the
+   field's spacing in µm, so boundaries are as fine as the image. z-stacks are predicted plane by
+   plane and post-processed in 3D (seeds linked across planes, size filters in µm³ with the
+   anisotropic spacing).
+
+Memory: the network's share is fixed by the tile size (≈ 0.5 GB for a 1024² tile on CPU);
+what grows with the field are the whole-field arrays (normalised input and maps in float16,
+labels in int32: ~25 bytes per pixel). An 8192² 2D field peaks at about 2.2 GB
+(``benchmarks/speed.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from islet_imaging.errors import InputError
+from islet_imaging.models._config import ModelConfig, Thresholds
+from islet_imaging.models._modeldir import Model, load_model
+from islet_imaging.models._postprocess import maps_to_instances
+
+if TYPE_CHECKING:
+    from islet_imaging.io import Field
+    from islet_imaging.segment import Labels
+    from islet_imaging.stages import StageProfile
+
+__all__ = [
+    "MIN_SIZE_PX",
+    "EmptyImageWarning",
+    "channel_percentiles",
+    "cluster_split_for",
+    "estimate_nucleus_diameter_px",
+    "normalise_channel",
+    "predict_field_maps",
+    "predict_maps",
+    "prepare_input",
+    "rescale_factor",
+    "resize_image",
+    "resize_labels",
+    "segment_cnn",
+]
+
+log = logging.getLogger(__name__)
+
+#: Smallest image side (pixels) inference accepts.
+MIN_SIZE_PX = 16
+_CHUNK_PX = 1 << 22  # pixels per block in block-wise steps
+#: Accepted range of the resize factor to the model's scale (outside: a wrong pixel size).
+MIN_SCALE, MAX_SCALE = 1 / 32, 16.0
+_SAMPLE = 4_000_000
+
+
+class EmptyImageWarning(UserWarning):
+    """The nuclear channel is constant (all zero or saturated): nothing can be segmented."""
+
+
+# -- normalisation ------------------------------------------------------------------------------
+def channel_percentiles(
+    image: np.ndarray, percentiles: Sequence[float] = (1.0, 99.8)
+) -> tuple[float, float]:
+    """Low and high percentiles of an image, from a regular subsample when it is large.
+
+    When they coincide (a sparse signal on a constant background), the minimum and maximum of the
+    whole image are returned instead; equal values mean a constant image.
+
+    Parameters
+    ----------
+    image : ndarray
+        One channel, any shape.
+    percentiles : (float, float)
+    """
+    flat = np.asarray(image).reshape(-1)
+    step = max(1, flat.size // _SAMPLE)
+    sample = flat[::step]
+    lo, hi = np.percentile(sample, [float(percentiles[0]), float(percentiles[1])])
+    if not hi > lo:  # sparse signal (e.g. a few nuclei on a black field): use the full range
+        lo, hi = float(flat.min()), float(flat.max())
+    return float(lo), float(hi)
+
+
+def normalise_channel(
+    image: np.ndarray,
+    percentiles: Sequence[float] = (1.0, 99.8),
+    *,
+    limits: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Map an image's low / high percentiles to 0 / 1 (float32, not clipped).
+
+    Parameters
+    ----------
+    image : ndarray
+        One channel, any shape.
+    percentiles : (float, float)
+    limits : (float, float), optional
+        Precomputed ``(low, high)`` values (e.g. from :func:`channel_percentiles` of the stack).
+
+    Returns
+    -------
+    ndarray of float32
+        Same shape; all zero when the image is constant.
+    """
+    lo, hi = limits if limits is not None else channel_percentiles(image, percentiles)
+    if not hi > lo:
+        return np.zeros(np.shape(image), np.float32)
+    out = np.asarray(image, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
+
+
+def _nuclear_index(field: Field, profile: StageProfile) -> int:
+    matched = profile.match_channels(field.channel_names)
+    if "nuclear" not in matched:
+        from islet_imaging.stages import NUCLEAR_STAIN_ALIASES
+
+        raise InputError(
+            f"no nuclear stain channel among {list(field.channel_names)}; the model needs one "
+            f"named {profile.nuclear_stain!r} or one of {list(NUCLEAR_STAIN_ALIASES)}. "
+            "Name the channels with --channel-names (e.g. DAPI,INS)",
+            field.origin.path,
+        )
+    return matched["nuclear"]
+
+
+def prepare_input(
+    field: Field,
+    profile: StageProfile,
+    config: ModelConfig,
+    *,
+    dtype: type[np.floating] | np.dtype = np.float32,
+) -> np.ndarray:
+    """The normalised network input of a field, at the field's own resolution.
+
+    Each channel's percentiles (``config.percentiles``) are taken over the whole stack (a
+    regular subsample of at most 4 M pixels) and mapped to 0 and 1; a ``"cluster"`` input with
+    ``profile.cluster_input == "sum"`` is the sum of all normalised channels, normalised again.
+    Computed block by block, so temporaries stay small for huge fields.
+
+    Parameters
+    ----------
+    field : Field
+    profile : StageProfile
+        Finds the nuclear stain and says what outlines clusters (``profile.cluster_input``).
+    config : ModelConfig
+        Which inputs, in what order, and the normalisation percentiles.
+    dtype : numpy dtype
+        Of the result (inference holds it as ``float16`` to halve its memory).
+
+    Returns
+    -------
+    (len(config.inputs), Z, Y, X) ndarray
+
+    Raises
+    ------
+    InputError
+        If the nuclear stain is missing (the message lists the channels present).
+    """
+    nuc = _nuclear_index(field, profile)
+    pct = config.percentiles
+    data = field.data
+    limits = {nuc: channel_percentiles(data[nuc], pct)}
+    use_sum = profile.cluster_input == "sum" and field.n_channels > 1 and "cluster" in config.inputs
+    if use_sum:
+        for c in range(field.n_channels):
+            limits.setdefault(c, channel_percentiles(data[c], pct))
+        # percentiles of the sum, from the same regular subsample of every channel
+        n = int(np.prod(field.spatial_shape))
+        step = max(1, n // _SAMPLE)
+        total = sum(
+            normalise_channel(data[c].reshape(-1)[::step], limits=limits[c])
+            for c in range(field.n_channels)
+        )
+        sum_limits = channel_percentiles(total, pct)
+    out = np.empty((len(config.inputs), *field.spatial_shape), dtype)
+    z, h, _ = field.spatial_shape
+    rows = max(1, _CHUNK_PX // max(1, field.spatial_shape[2]))
+    for k in range(z):
+        for y0 in range(0, h, rows):
+            sl = (k, slice(y0, min(y0 + rows, h)))
+            nuclear = normalise_channel(data[nuc][sl], limits=limits[nuc])
+            cluster = nuclear
+            if use_sum:
+                block = nuclear.copy()
+                for c in range(field.n_channels):
+                    if c != nuc:
+                        block += normalise_channel(data[c][sl], limits=limits[c])
+                cluster = normalise_channel(block, limits=sum_limits)
+            for i, kind in enumerate(config.inputs):
+                out[(i, *sl)] = nuclear if kind == "nuclear" else cluster
+    return out
+
+
+# -- scale --------------------------------------------------------------------------------------
+def estimate_nucleus_diameter_px(image: np.ndarray) -> float:
+    """Rough typical nucleus diameter (pixels) of a nuclear-stain plane or stack.
+
+    The scale of the strongest scale-normalised Laplacian-of-Gaussian response (blob detector):
+    a disk of diameter ``d`` responds most at ``sigma = d / (2 √2)``. Good to about ±25 % on
+    images of well-stained nuclei; give the pixel size for exact results.
+    """
+    from scipy import ndimage as ndi
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:
+        img = img[img.shape[0] // 2]
+    # work on at most ~512 px: shrink by an integer factor (mean), remembered in `f`
+    f = max(1, math.ceil(max(img.shape) / 512))
+    if f > 1:
+        h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+        img = img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+    img = normalise_channel(img)
+    sigmas = np.geomspace(0.7, max(img.shape) / 8, 24)
+    scores = [float(np.percentile(-(s**2) * ndi.gaussian_laplace(img, s), 99.5)) for s in sigmas]
+    best = sigmas[int(np.argmax(scores))]
+    return float(2.0 * math.sqrt(2.0) * best * f)
+
+
+def rescale_factor(
+    field: Field,
+    config: ModelConfig,
+    *,
+    nucleus_diameter_um: float | None = None,
+) -> tuple[float, float]:
+    """How much to resize a field to reach the model's scale, and the field's effective µm/pixel.
+
+    Parameters
+    ----------
+    field : Field
+    config : ModelConfig
+    nucleus_diameter_um : float, optional
+        With a pixel size: the typical nucleus diameter in µm of this image (when its nuclei are
+        unusually large or small). Without a pixel size: the typical nucleus diameter **in
+        pixels** (``--nucleus-diameter PX``). Neither: estimated from the image, with a warning.
+
+    Returns
+    -------
+    factor : float
+        Model-scale size / native size (``< 1`` shrinks).
+    pixel_size_um : float
+        Effective in-plane µm per pixel of the field (the true one when known).
+    """
+    if nucleus_diameter_um is not None and not (
+        math.isfinite(nucleus_diameter_um) and nucleus_diameter_um > 0
+    ):
+        raise InputError(
+            f"nucleus diameter {nucleus_diameter_um!r} must be a positive number",
+            field.origin.path,
+        )
+    typical = config.typical_nucleus_diameter_um
+    if field.pixel_size is not None:
+        px = field.pixel_size.isotropic_xy
+        seen = px if nucleus_diameter_um is None else px * typical / nucleus_diameter_um
+    else:
+        if nucleus_diameter_um is None:
+            nuc = field.data[_nuclear_index_or_first(field)]
+            diameter_px = estimate_nucleus_diameter_px(nuc)
+            warnings.warn(
+                f"{field.origin.path or field.name}: no pixel size; estimated the nucleus diameter "
+                f"as {diameter_px:.1f} px from the image. Give --pixel-size UM or "
+                "--nucleus-diameter PX for reliable sizes",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            diameter_px = float(nucleus_diameter_um)
+        px = typical / diameter_px
+        seen = px
+    factor = seen / config.pixel_size_um
+    if not MIN_SCALE <= factor <= MAX_SCALE:
+        raise InputError(
+            f"the image would be resized ×{factor:.3g} to the model's {config.pixel_size_um} µm "
+            f"pixels (effective pixel size {seen:.3g} µm); that is outside "
+            f"[{MIN_SCALE}, {MAX_SCALE}]. Check --pixel-size (µm) and --nucleus-diameter",
+            field.origin.path,
+        )
+    return factor, px
+
+
+def _nuclear_index_or_first(field: Field) -> int:
+    for i, name in enumerate(field.channel_names):
+        from islet_imaging.stages import NUCLEAR_STAIN_ALIASES
+
+        if name.casefold() in {a.casefold() for a in NUCLEAR_STAIN_ALIASES}:
+            return i
+    return 0
+
+
+def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of the last two axes to ``shape`` (antialiased when shrinking), float32.
+
+    Parameters
+    ----------
+    image : (..., Y, X) ndarray
+    shape : (int, int)
+    """
+    image = np.asarray(image, dtype=np.float32)
+    shape = (int(shape[0]), int(shape[1]))
+    if tuple(image.shape[-2:]) == shape:
+        return image
+    lead = image.shape[:-2]
+    t = torch.from_numpy(np.ascontiguousarray(image.reshape(-1, 1, *image.shape[-2:])))
+    shrink = shape[0] < image.shape[-2] or shape[1] < image.shape[-1]
+    out = torch.empty((t.shape[0], 1, *shape), dtype=torch.float32)
+    with torch.inference_mode():
+        for i in range(t.shape[0]):  # one plane at a time: bounded memory
+            out[i] = F.interpolate(
+                t[i : i + 1], size=shape, mode="bilinear", align_corners=False, antialias=shrink
+            )[0]
+    return out.numpy().reshape(*lead, *shape)
+
+
+def resize_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of the last two axes of a label image (pixel centres aligned).
+
+    Parameters
+    ----------
+    labels : (..., Y, X) ndarray of int
+    shape : (int, int)
+    """
+    labels = np.asarray(labels)
+    h, w = labels.shape[-2:]
+    ys = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return labels[..., ys[:, None], xs[None, :]]
+
+
+# -- tiling -------------------------------------------------------------------------------------
+def _tiling(length: int, tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
+    """Tile size and start positions along one axis of ``length`` (a multiple of ``multiple``).
+
+    As few tiles as ``tile`` allows, evenly spread, shrunk to the smallest size that still keeps
+    ``overlap`` between neighbours; sizes and starts are multiples of ``multiple`` (the network's
+    pooling grid stays aligned, so a tiled result equals an untiled one away from tile edges).
+    """
+    if length <= tile:
+        return length, [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, math.ceil((length + (n - 1) * (overlap + multiple)) / n / multiple) * multiple)
+    starts = [
+        min((round(i * (length - size) / (n - 1)) // multiple) * multiple, length - size)
+        for i in range(n)
+    ]
+    starts[-1] = length - size
+    return size, sorted(set(starts))
+
+
+def _ramp(size: int, overlap: int, lead: bool, trail: bool) -> np.ndarray:
+    """1D blend weights of one tile: 0 over the outer quarter of an interior overlap, a cosine
+    rise over the next half, 1 elsewhere. Image borders (``lead``/``trail`` False) keep weight 1."""
+    w = np.ones(size, np.float64)
+    q = overlap // 4
+    rise = max(overlap - 2 * q, 1)
+    r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(rise) + 0.5) / rise)
+    ramp = np.concatenate([np.zeros(q), r])[: min(size, q + rise)]
+    if lead:
+        w[: ramp.size] = np.minimum(w[: ramp.size], ramp)
+    if trail:
+        w[size - ramp.size :] = np.minimum(w[size - ramp.size :], ramp[::-1])
+    return w
+
+
+def _padded_size(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple, and at least two multiples."""
+    return max(2 * multiple, -(-n // multiple) * multiple)
+
+
+def _tile(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
+    """The (C, th, tw) float32 tile at (y0, x0); parts beyond the image are mirrored (reflect)."""
+    h, w = image.shape[-2:]
+    crop = np.asarray(image[:, y0 : min(y0 + th, h), x0 : min(x0 + tw, w)], dtype=np.float32)
+    ph, pw = th - crop.shape[1], tw - crop.shape[2]
+    if ph or pw:
+        mode = "reflect" if min(crop.shape[1:]) > 1 else "edge"
+        crop = np.pad(crop, [(0, 0), (0, ph), (0, pw)], mode=mode)
+    return crop
+
+
+def predict_maps(
+    image: np.ndarray | Field,
+    model: Model | str | os.PathLike[str],
+    *,
+    profile: StageProfile | str | None = None,
+    device: str | torch.device | None = None,
+    tile: int = 1024,
+    overlap: int = 128,
+    batch_size: int = 1,
+    channels_last: bool = True,
+    compile: bool = False,
+    dtype: type[np.floating] | np.dtype = np.float32,
+) -> dict[str, np.ndarray]:
+    """The network's maps of a normalised, model-scale input, tiled with seamless blending.
+
+    Parameters
+    ----------
+    image : (C, Y, X) or (C, Z, Y, X) ndarray of float32, or Field
+        Normalised input at the model's pixel size (:func:`prepare_input` + :func:`resize_image`);
+        ``C = len(config.inputs)``. A z-stack is predicted plane by plane. A :class:`Field` goes
+        through :func:`predict_field_maps` (inputs, rescaling and back): the maps are then
+        ``(Z, Y, X)`` on the field's grid.
+    model : Model, name or path
+    profile : StageProfile or str, optional
+        For a Field: its stage (default ``field.origin.stage``).
+    device : str, optional
+        ``"cpu"`` / ``"cuda"``; default the model's device.
+    tile : int
+        Tile side in pixels (rounded down to a multiple of ``config.size_multiple``).
+    overlap : int
+        Overlap of neighbouring tiles; the outer quarter of each overlap is ignored, so
+        ``overlap / 4`` should cover half the network's effective receptive field.
+    batch_size : int
+        Tiles per forward pass.
+    channels_last : bool
+        Run in channels-last memory format (faster on CPU).
+    compile : bool
+        ``torch.compile`` the network first (off by default: it pays only on long runs).
+    dtype : numpy dtype
+        Of the returned maps (``float16`` halves their memory; blending is float32 either way).
+
+    Returns
+    -------
+    dict of str to (Y, X) or (Z, Y, X) ndarray
+        ``config.output_names`` → maps in 0..1 (sigmoid of the logits).
+
+    Notes
+    -----
+    Memory: the input, the output maps, one row of tiles (float32) and one forward pass of
+    ``batch_size`` tiles (≈ 0.5 GB for 1024² pixels with the default network).
+    """
+    mdl = load_model(model, device=device)
+    cfg = mdl.config
+    if not isinstance(image, np.ndarray) and hasattr(image, "channel_names"):
+        from islet_imaging.stages import get_stage
+
+        stage = profile if profile is not None else image.origin.stage
+        if stage is None:
+            raise InputError(
+                "the image does not say its stage; pass profile=... (e.g. 'S6')", image.origin.path
+            )
+        maps, _ = predict_field_maps(
+            image,
+            get_stage(stage),
+            mdl,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            compile=compile,
+            dtype=dtype,
+        )
+        return maps
+    image = np.asarray(image)
+    if image.ndim == 4:
+        planes = [
+            predict_maps(
+                image[:, z],
+                mdl,
+                device=device,
+                tile=tile,
+                overlap=overlap,
+                batch_size=batch_size,
+                channels_last=channels_last,
+                compile=compile,
+                dtype=dtype,
+            )
+            for z in range(image.shape[1])
+        ]
+        return {k: np.stack([p[k] for p in planes]) for k in cfg.output_names}
+    if image.ndim != 3 or image.shape[0] != cfg.in_channels:
+        raise InputError(
+            f"model input must be ({cfg.in_channels}, Y, X) for inputs {list(cfg.inputs)}, "
+            f"got shape {image.shape}"
+        )
+    if min(image.shape[-2:]) < 1:
+        raise InputError(f"model input has no pixels (shape {image.shape})")
+    m = cfg.size_multiple
+    tile = max(m, (int(tile) // m) * m)
+    overlap = max(0, int(overlap))
+    if overlap >= tile:
+        raise InputError(f"tile overlap {overlap} must be smaller than the tile size {tile}")
+    dev = mdl.device
+    net = mdl.inference_network(channels_last=channels_last and dev.type == "cpu", compile=compile)
+
+    h, w = image.shape[-2:]
+    hp, wp = _padded_size(h, m), _padded_size(w, m)
+    th, sy = _tiling(hp, tile, overlap, m)
+    tw, sx = _tiling(wp, tile, overlap, m)
+    wy = {y0: _ramp(th, overlap, y0 > 0, y0 + th < hp) for y0 in sy}
+    wx = {x0: _ramp(tw, overlap, x0 > 0, x0 + tw < wp) for x0 in sx}
+    sum_y, sum_x = np.zeros(hp), np.zeros(wp)
+    for y0 in sy:
+        sum_y[y0 : y0 + th] += wy[y0]
+    for x0 in sx:
+        sum_x[x0 : x0 + tw] += wx[x0]
+    inv_y = (1.0 / sum_y).astype(np.float32)
+    inv_x = (1.0 / sum_x[:w]).astype(np.float32)
+    out = np.empty((cfg.out_channels, h, w), dtype)
+    # float32 accumulator for one row of tiles; rows above the next tile row are final
+    acc = np.zeros((cfg.out_channels, th, w), np.float32)
+    mf = torch.channels_last if channels_last and dev.type == "cpu" else torch.contiguous_format
+    with torch.inference_mode():
+        for r, y0 in enumerate(sy):
+            row = [(y0, x0) for x0 in sx]
+            for b in range(0, len(row), batch_size):
+                batch = row[b : b + batch_size]
+                x = np.stack([_tile(image, y, x_, th, tw) for y, x_ in batch])
+                xt = torch.from_numpy(x).to(dev).contiguous(memory_format=mf)
+                pred = torch.sigmoid(net(xt)).float().cpu().numpy()
+                for (_, x0), p in zip(batch, pred, strict=True):
+                    x1 = min(x0 + tw, w)
+                    if x1 > x0:
+                        weight = np.outer(wy[y0], wx[x0][: x1 - x0]).astype(np.float32)
+                        acc[:, :, x0:x1] += p[:, :, : x1 - x0] * weight
+            y_next = sy[r + 1] if r + 1 < len(sy) else y0 + th
+            n_final = min(y_next, h) - y0
+            if n_final > 0:
+                block = acc[:, :n_final] * inv_y[y0 : y0 + n_final, None] * inv_x[None, None, :]
+                np.clip(block, 0.0, 1.0, out=block)
+                out[:, y0 : y0 + n_final] = block
+            # keep the rows the next tile row overlaps, at the top of the accumulator
+            keep = th - (y_next - y0)
+            if keep > 0:
+                acc[:, :keep] = acc[:, th - keep :]
+            acc[:, max(keep, 0) :] = 0.0
+    return {name: out[k] for k, name in enumerate(cfg.output_names)}
+
+
+def predict_field_maps(
+    field: Field,
+    profile: StageProfile,
+    model: Model | str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    nucleus_diameter_um: float | None = None,
+    tile: int = 1024,
+    overlap: int = 128,
+    batch_size: int = 1,
+    compile: bool = False,
+    dtype: type[np.floating] | np.dtype = np.float32,
+) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
+    """The network's maps of a field on the field's own (Z, Y, X) grid.
+
+    Parameters are those of :func:`segment_cnn` and :func:`predict_maps`.
+
+    Returns
+    -------
+    maps : dict of str to (Z, Y, X) ndarray of ``dtype``
+    spacing : (float, float, float)
+        ``(z, y, x)`` µm per voxel used for post-processing (effective when the field has no
+        pixel size).
+    """
+    mdl = load_model(model, device=device)
+    cfg = mdl.config
+    _check_field(field)
+    factor, px = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
+    z, h, w = field.spatial_shape
+    mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
+    if field.pixel_size is not None:
+        sz, sy, sx = field.pixel_size.zyx
+    else:
+        sz = sy = sx = px
+    log.debug(
+        "%s: scale ×%.3f to %d×%d px at %.3f µm", field.name, factor, mh, mw, cfg.pixel_size_um
+    )
+    inputs = prepare_input(
+        field, profile, cfg, dtype=np.float16 if dtype == np.float16 else np.float32
+    )
+    same = (mh, mw) == (h, w)
+    maps: dict[str, np.ndarray] = {}
+    for k in range(z):
+        x = inputs[:, k] if same else resize_image(inputs[:, k], (mh, mw))
+        plane = predict_maps(
+            x,
+            mdl,
+            device=device,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            compile=compile,
+            dtype=dtype,
+        )
+        del x
+        if not same:
+            plane = {
+                n: resize_image(plane.pop(n), (h, w)).astype(dtype, copy=False) for n in list(plane)
+            }
+        if z == 1:  # no copy: views of the one plane
+            maps = {n: v[np.newaxis] for n, v in plane.items()}
+        else:
+            for n, v in plane.items():
+                if n not in maps:
+                    maps[n] = np.empty((z, h, w), dtype)
+                maps[n][k] = v
+        del plane
+    del inputs
+    return maps, (sz, sy, sx)
+
+
+def cluster_split_for(profile: StageProfile, config: ModelConfig) -> str:
+    """How inference splits touching clusters at this stage (``maps_to_instances(cluster_split=)``).
+
+    Monolayer patches (S1-S3) are never split: patches of arbitrary shape that touch cannot be
+    told apart. Colonies and aggregates follow ``config.cluster_split``.
+    """
+    return "none" if profile.cluster_kind == "monolayer-patch" else config.cluster_split
+
+
+def _check_field(field: Field) -> None:
+    _, h, w = field.spatial_shape
+    if min(h, w) < MIN_SIZE_PX:
+        raise InputError(
+            f"image is {h}×{w} px; the CNN needs at least {MIN_SIZE_PX}×{MIN_SIZE_PX}. "
+            "Use a larger field (or --model classical)",
+            field.origin.path,
+        )
+
+
+def _is_empty(field: Field, profile: StageProfile, config: ModelConfig) -> bool:
+    lo, hi = channel_percentiles(field.data[_nuclear_index(field, profile)], config.percentiles)
+    return not hi > lo
+
+
+def segment_cnn(
+    field: Field,
+    profile: StageProfile,
+    *,
+    model: str | os.PathLike[str] | Model = "default",
+    device: str | None = None,
+    nucleus_diameter_um: float | None = None,
+    return_probabilities: bool = False,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
+    tile: int = 1024,
+    overlap: int = 128,
+    batch_size: int = 1,
+    compile: bool = False,
+) -> Labels:
+    """Segment one field with a CNN model into nucleus and cluster instances.
+
+    Parameters
+    ----------
+    field : Field
+        Any size, 2D or a z-stack; needs a nuclear stain channel.
+    profile : StageProfile
+        Nuclear channel aliases, what outlines clusters, and the size filters
+        (``nucleus_diameter_um``, ``min_cluster_diameter_um``).
+    model : str, path or Model
+        ``"default"``, a model name or directory, or a loaded :class:`Model`.
+    device : str, optional
+        ``"cpu"`` or ``"cuda"``; default CUDA when available.
+    nucleus_diameter_um : float, optional
+        See :func:`rescale_factor` (pixels when the field has no pixel size).
+    return_probabilities : bool
+        Keep the maps (on the field's grid, float32 holding float16 precision) in
+        ``Labels.probabilities``.
+    thresholds : Thresholds or dict, optional
+        Override the model's tuned thresholds.
+    tile, overlap, batch_size : int
+        Tiling (see :func:`predict_maps`).
+    compile : bool
+        ``torch.compile`` the network (see :func:`predict_maps`).
+
+    Returns
+    -------
+    Labels
+        ``(Z, Y, X)`` int32 nuclei and clusters on the field's grid.
+
+    Warns
+    -----
+    EmptyImageWarning
+        When the nuclear channel is constant (all zero or saturated); the labels are empty.
+    """
+    from islet_imaging.segment import Labels
+
+    mdl = load_model(model, device=device)
+    cfg = mdl.config
+    _check_field(field)
+    zeros = np.zeros(field.spatial_shape, np.int32)
+    if _is_empty(field, profile, cfg):
+        warnings.warn(
+            f"{field.origin.path or field.name}: the nuclear channel is constant (all zero or "
+            "saturated); nothing to segment, returning empty labels",
+            EmptyImageWarning,
+            stacklevel=2,
+        )
+        probs = (
+            {n: np.zeros(field.spatial_shape, np.float32) for n in cfg.output_names}
+            if return_probabilities
+            else {}
+        )
+        return Labels(zeros, zeros.copy(), probs, mdl.name)
+    maps, spacing = predict_field_maps(
+        field,
+        profile,
+        mdl,
+        device=device,
+        nucleus_diameter_um=nucleus_diameter_um,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        compile=compile,
+        dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
+    )
+    lo_d, hi_d = profile.nucleus_diameter_um
+    if nucleus_diameter_um is not None and field.pixel_size is not None:
+        # the user says nuclei here are this big: shift the plausible range with them
+        f = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
+        lo_d, hi_d = lo_d * f, hi_d * f
+    th = mdl.thresholds if thresholds is None else thresholds
+    is_3d = field.is_3d
+    view = maps if is_3d else {k: v[0] for k, v in maps.items()}
+    nuclei, clusters = maps_to_instances(
+        view,
+        thresholds=th,
+        spacing=spacing if is_3d else spacing[1:],
+        nucleus_diameter_um=(lo_d, hi_d),
+        cluster_diameter_um=(profile.min_cluster_diameter_um, None),
+        cluster_split=cluster_split_for(profile, cfg),
+    )
+    if not is_3d:
+        nuclei, clusters = nuclei[np.newaxis], clusters[np.newaxis]
+    probs = {k: v.astype(np.float32) for k, v in maps.items()} if return_probabilities else {}
+    return Labels(nuclei, clusters, probs, mdl.name)

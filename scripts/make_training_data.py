@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Create the default model's training and validation datasets (islet-imaging dataset layout).
+
+Writes, under ``--out`` (default ``runs/data``, git-ignored):
+
+- ``synth_train/``: synthetic fields (written with :func:`islet_imaging.synth.write_synth_field`,
+  truth tables included) of every stage (seeds 0–999): ``--n-2d`` 2D fields per stage
+  plus ``--n-3d`` z-stacks per aggregate stage (used plane by plane), each at a pixel size drawn
+  uniformly from ``--pixel-size-range`` (µm), so the network sees different samplings after
+  rescaling to its training scale.
+- ``synth_val/``: the same with seeds 1000–1099 (validation and threshold tuning).
+  Seeds ≥ 9000 are the held-out test set (benchmarks/accuracy.py) and are never used here.
+- ``dsb_train/`` and ``dsb_val/``: the ``train`` and ``val`` splits of the DSB 2018 fluorescence
+  nuclei (``--dsb``), as symbolic links (nothing copied), with a metadata.csv giving each image a
+  nominal pixel size chosen so that its median nucleus (equivalent diameter from its own mask) is
+  ``--nucleus-diameter-um`` at the model scale. The ``test`` split is never touched.
+
+Usage::
+
+    .venv/bin/python scripts/make_training_data.py --out runs/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from islet_imaging.io import read_labels
+from islet_imaging.stages import BUILTIN_STAGES
+from islet_imaging.synth import generate_field
+from islet_imaging.synth._dataset import metadata_row, write_metadata, write_synth_field
+
+log = logging.getLogger("make_training_data")
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SEEDS = range(0, 1000)
+VAL_SEEDS = range(1000, 1100)
+#: DSB images get this stage (its cluster input is the nuclear stain; they have no cluster labels).
+DSB_STAGE = "definitive-endoderm"
+
+
+def _write_synth(
+    out: Path, name: str, stage: str, seed: int, size: int, z: int, pixel_size: float
+) -> dict[str, object]:
+    s = generate_field(stage, seed=seed, size=size, z=z, pixel_size_um=pixel_size, z_step_um=2.0)
+    write_synth_field(out, name, s, overwrite=True)
+    row = metadata_row(name, s)
+    row["pixel_size_um"] = round(pixel_size, 4)  # as the shipped model's data were written
+    return row
+
+
+def make_synth(
+    out: Path,
+    seeds: range,
+    *,
+    n_2d: int,
+    n_3d: int,
+    size: int,
+    z: int,
+    pixel_size_range: tuple[float, float],
+) -> None:
+    """Synthetic fields of every stage into ``out`` (dataset layout + metadata.csv)."""
+    rows = []
+    per_stage = n_2d + n_3d
+    if per_stage * len(BUILTIN_STAGES) > len(seeds):
+        raise SystemExit(
+            f"{per_stage} fields x {len(BUILTIN_STAGES)} stages do not fit seeds {seeds}"
+        )
+    t0 = time.perf_counter()
+    for k, profile in enumerate(BUILTIN_STAGES):
+        three_d = profile.cluster_kind == "aggregate"
+        for i in range(per_stage):
+            seed = seeds.start + k * per_stage + i
+            is_3d = i >= n_2d
+            if is_3d and not three_d:
+                continue
+            px = float(np.random.default_rng([seed, 17]).uniform(*pixel_size_range))
+            name = f"{profile.short_name}_s{seed:04d}" + ("_3d" if is_3d else "")
+            rows.append(_write_synth(out, name, profile.name, seed, size, z if is_3d else 1, px))
+        log.info("%s: %s done (%.0f s)", out.name, profile.name, time.perf_counter() - t0)
+    write_metadata(out, rows)
+
+
+def _write_dsb_metadata(out: Path, rows: list[list[str]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "metadata.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "stage", "pixel_size_um", "z_step_um", "channel_names"])
+        w.writerows(rows)
+
+
+def median_diameter_px(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter (px) of the objects of a 2D label image."""
+    lab = np.asarray(labels).reshape(labels.shape[-2:])
+    counts = np.bincount(lab.ravel())[1:]
+    counts = counts[counts > 0]
+    if counts.size == 0:
+        return None
+    return float(np.median(np.sqrt(4.0 * counts / math.pi)))
+
+
+def make_dsb(out: Path, dsb: Path, split: str, *, nucleus_diameter_um: float) -> None:
+    """Link one DSB 2018 split into ``out`` with nominal pixel sizes from its own masks."""
+    if split == "test":
+        raise SystemExit("the DSB test split is for benchmarks only; never train or tune on it")
+    with (dsb / "split.csv").open(newline="") as fh:
+        ids = [r["id"] for r in csv.DictReader(fh) if r["split"] == split]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for image_id in ids:
+        d = median_diameter_px(read_labels(dsb / "masks" / f"{image_id}.tif"))
+        if d is None:
+            log.info("%s: no nuclei in mask; skipped", image_id)
+            continue
+        for link, target in (
+            (out / "images" / f"{image_id}.png", dsb / "images" / f"{image_id}.png"),
+            (out / "labels" / f"{image_id}_nuclei.tif", dsb / "masks" / f"{image_id}.tif"),
+        ):
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target.resolve())
+        rows.append([image_id, DSB_STAGE, f"{nucleus_diameter_um / d:.5f}", "", "DAPI"])
+    _write_dsb_metadata(out, rows)
+    log.info("%s: %d DSB %s images linked", out, len(rows), split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "data")
+    p.add_argument("--n-2d", type=int, default=48, help="2D training fields per stage")
+    p.add_argument("--n-3d", type=int, default=8, help="z-stacks per aggregate stage (training)")
+    p.add_argument("--n-val-2d", type=int, default=4, help="2D validation fields per stage")
+    p.add_argument(
+        "--n-val-3d", type=int, default=2, help="z-stacks per aggregate stage (validation)"
+    )
+    p.add_argument("--size", type=int, default=384, help="field side in pixels")
+    p.add_argument("--z", type=int, default=5, help="planes per z-stack")
+    p.add_argument(
+        "--pixel-size-range", type=float, nargs=2, default=(0.5, 0.85), metavar=("MIN", "MAX")
+    )
+    p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
+    p.add_argument(
+        "--nucleus-diameter-um",
+        type=float,
+        default=8.5,
+        help="typical nucleus diameter the DSB images are scaled to (the model's "
+        "typical_nucleus_diameter_um)",
+    )
+    p.add_argument("--skip-synth", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    lo, hi = args.pixel_size_range
+    if not args.skip_synth:
+        make_synth(
+            args.out / "synth_val",
+            VAL_SEEDS,
+            n_2d=args.n_val_2d,
+            n_3d=args.n_val_3d,
+            size=args.size,
+            z=args.z,
+            pixel_size_range=(lo, hi),
+        )
+        make_synth(
+            args.out / "synth_train",
+            TRAIN_SEEDS,
+            n_2d=args.n_2d,
+            n_3d=args.n_3d,
+            size=args.size,
+            z=args.z,
+            pixel_size_range=(lo, hi),
+        )
+    if args.dsb.is_dir():
+        make_dsb(
+            args.out / "dsb_train", args.dsb, "train", nucleus_diameter_um=args.nucleus_diameter_um
+        )
+        make_dsb(
+            args.out / "dsb_val", args.dsb, "val", nucleus_diameter_um=args.nucleus_diameter_um
+        )
+    else:
+        log.warning("%s not found: no DSB 2018 data (synthetic only)", args.dsb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Targets ↔ post-processing: the contract between training and inference.
+
+``maps_to_instances(make_targets(labels))`` must give the labels back, in 2D and in 3D with
+anisotropic spacing. Truth is made by hand: touching disks / ellipsoids split along the line where
+their normalised distances are equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.segmentation import relabel_sequential
+
+from islet_imaging.errors import InputError, ModelError
+from islet_imaging.metrics import match
+from islet_imaging.models._config import Thresholds
+from islet_imaging.models._postprocess import (
+    border_labels,
+    instances_from_maps,
+    maps_to_instances,
+    object_size_range,
+)
+from islet_imaging.models._targets import distance_map, make_targets, target_names
+
+
+def blobs(
+    shape: tuple[int, ...],
+    centres: list[tuple[float, ...]],
+    radii: list[float],
+    spacing: tuple[float, ...],
+) -> np.ndarray:
+    """Touching balls (µm coordinates): each pixel goes to the ball it is deepest inside."""
+    grids = np.meshgrid(
+        *[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"
+    )
+    best = np.full(shape, np.inf)
+    lab = np.zeros(shape, np.int32)
+    for i, (c, r) in enumerate(zip(centres, radii, strict=True), start=1):
+        d = np.sqrt(sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True))) / r
+        take = (d < 1) & (d < best)
+        lab[take] = i
+        best[take] = d[take]
+    return relabel_sequential(lab)[0].astype(np.int32)
+
+
+def pixel_mismatch(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Fraction of pixels whose label disagrees after mapping truth ids to matched predictions."""
+    m = match(truth, pred, thresholds=0.5)[0]
+    remap = np.zeros(int(truth.max()) + 1, np.int64)
+    for t, p, _ in m.pairs:
+        remap[t] = p
+    return float(np.mean(remap[truth] != pred))
+
+
+@pytest.fixture
+def scene_2d() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    centres = [(rng.uniform(10, 150), rng.uniform(10, 190)) for _ in range(40)]
+    nuclei = blobs((160, 200), centres, list(rng.uniform(6, 11, 40)), (1.0, 1.0))
+    clusters = blobs((160, 200), [(40, 50), (40, 110), (120, 100)], [35, 30, 45], (1.0, 1.0))
+    return nuclei, clusters
+
+
+# -- targets ------------------------------------------------------------------------------------
+def test_distance_map_per_object_normalised_peaks_at_one() -> None:
+    lab = np.zeros((9, 20), np.int32)
+    lab[1:8, 1:8] = 1  # 7×7 square: centre distance 4
+    lab[1:8, 8:19] = 2  # touching 7×11 rectangle
+    d = distance_map(lab)
+    assert d[0].max() == 0 and d[:, 0].max() == 0
+    assert d[4, 4] == pytest.approx(1.0)
+    assert d[lab == 2].max() == pytest.approx(1.0)
+    # touching objects: the pixels on each side of the contact are on the boundary (distance 1)
+    assert d[4, 7] == pytest.approx(1 / 4) and d[4, 8] == pytest.approx(1 / 4)
+    assert (d[lab > 0] > 0).all()
+
+
+def test_distance_map_capped_is_local() -> None:
+    lab = np.zeros((40, 40), np.int32)
+    lab[:, :] = 1
+    d = distance_map(lab[np.newaxis], cap=4.0)[0]
+    assert d[0, 0] == pytest.approx(0.25)
+    assert d[20, 20] == pytest.approx(1.0)
+    assert d[1, 20] == pytest.approx(0.5)
+
+
+def test_make_targets_keys_and_missing_clusters() -> None:
+    lab = np.zeros((12, 12), np.int32)
+    lab[2:6, 2:6] = 3
+    t = make_targets(lab)
+    assert set(t) == set(target_names())
+    assert all(v.dtype == np.float32 and v.shape == lab.shape for v in t.values())
+    assert t["nuclei_weight"].min() == 1.0
+    assert t["clusters_weight"].max() == 0.0  # no cluster annotation → cluster heads not trained
+    assert t["nuclei_foreground"].sum() == 16
+
+
+@pytest.mark.parametrize(
+    ("nuclei", "clusters", "match_"),
+    [
+        (np.zeros((4, 4), float), None, "integers"),
+        (np.zeros((4, 4), np.int32), np.zeros((5, 4), np.int32), "differ in shape"),
+        (np.zeros(4, np.int32), None, r"\(Y, X\) or \(Z, Y, X\)"),
+    ],
+)
+def test_make_targets_bad_labels(
+    nuclei: np.ndarray, clusters: np.ndarray | None, match_: str
+) -> None:
+    with pytest.raises(InputError, match=match_):
+        make_targets(nuclei, clusters)
+
+
+# -- round trip (the key test of the contract) --------------------------------------------------
+def test_round_trip_2d(scene_2d: tuple[np.ndarray, np.ndarray]) -> None:
+    nuclei, clusters = scene_2d
+    assert nuclei.max() == 40 and clusters.max() == 3
+    nuc, clu = maps_to_instances(make_targets(nuclei, clusters))
+    assert nuc.max() == nuclei.max() and clu.max() == clusters.max()
+    assert match(nuclei, nuc, thresholds=0.5)[0].ap == 1.0
+    assert match(nuclei, nuc, thresholds=0.8)[0].ap >= 0.95
+    assert match(clusters, clu, thresholds=0.95)[0].ap == 1.0
+    assert pixel_mismatch(nuclei, nuc) < 0.005
+    assert pixel_mismatch(clusters, clu) < 0.005
+    assert nuc.dtype == np.int32 and np.array_equal(np.unique(nuc), np.arange(41))
+
+
+def test_round_trip_3d_anisotropic() -> None:
+    rng = np.random.default_rng(2)
+    spacing = (2.0, 0.5, 0.5)  # z-step 4× the pixel size
+    shape = (12, 100, 120)
+    # touching nuclei side by side in one layer, and a second layer above (not touching in z)
+    centres = [(8.0, rng.uniform(5, 45), rng.uniform(5, 55)) for _ in range(12)]
+    centres += [(17.0, rng.uniform(5, 45), rng.uniform(5, 55)) for _ in range(6)]
+    radii = list(rng.uniform(3.5, 4.0, 18))
+    nuclei = blobs(shape, centres, radii, spacing)
+    n_true = int(nuclei.max())
+    clusters = (nuclei > 0).astype(np.int32)
+    targets = make_targets(nuclei, clusters)
+    assert targets["nuclei_distance"].shape == shape
+    nuc, clu = maps_to_instances(
+        targets,
+        spacing=spacing,
+        nucleus_diameter_um=(2.0, 12.0),
+        cluster_diameter_um=(5.0, None),
+    )
+    assert nuc.shape == shape
+    assert nuc.max() == n_true
+    assert match(nuclei, nuc, thresholds=0.7)[0].ap == 1.0
+    assert pixel_mismatch(nuclei, nuc) < 0.01
+    # clusters are 3D objects and contain their nuclei
+    assert clu.max() >= 1
+    assert np.all(clu[nuc > 0] > 0)
+
+
+def test_size_filters_in_um() -> None:
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:9, 5:9] = 1  # 16 px = 4 µm² at 0.5 µm: d ≈ 2.3 µm
+    lab[20:40, 20:40] = 2  # 400 px = 100 µm²: d ≈ 11.3 µm
+    nuc, _ = maps_to_instances(
+        make_targets(lab), spacing=(0.5, 0.5), nucleus_diameter_um=(5.0, 18.0)
+    )
+    assert nuc.max() == 1 and nuc[30, 30] == 1 and nuc[6, 6] == 0
+    nuc, _ = maps_to_instances(
+        make_targets(lab), spacing=(0.5, 0.5), nucleus_diameter_um=(1.0, 8.0)
+    )
+    assert nuc.max() == 1 and nuc[6, 6] == 1 and nuc[30, 30] == 0
+
+
+def test_object_size_range() -> None:
+    lo, hi = object_size_range((2.0, None), (0.5, 0.5))
+    assert lo == pytest.approx(math.pi / 4 * 2.0**2 / 0.25) and hi == math.inf
+    lo3, _ = object_size_range((2.0, 4.0), (1.0, 0.5, 0.5))
+    assert lo3 == pytest.approx(math.pi / 6 * 8 / 0.25)
+
+
+def test_nuclei_attach_to_cluster_they_mostly_lie_in() -> None:
+    fg_n = np.zeros((40, 40), np.float32)
+    fg_n[10:20, 10:20] = 1
+    fg_c = np.zeros_like(fg_n)
+    fg_c[5:16, 5:30] = 1  # covers 60 % of the nucleus
+    maps = {
+        "nuclei_foreground": fg_n,
+        "clusters_foreground": fg_c,
+    }
+    nuc, clu = maps_to_instances(maps)
+    assert nuc.max() == 1 and clu.max() == 1
+    assert np.all(clu[nuc == 1] == 1)  # the cluster grew over the whole nucleus
+
+
+def test_foreground_only_and_empty_maps() -> None:
+    fg = np.zeros((30, 30), np.float32)
+    assert instances_from_maps(fg, None).max() == 0
+    fg[5:10, 5:10] = 0.9
+    fg[15:20, 15:20] = 0.9
+    lab = instances_from_maps(fg, None)
+    assert lab.max() == 2
+    # a component without any seed is still one object
+    dist = np.zeros_like(fg)
+    lab = instances_from_maps(fg, dist, seed_threshold=0.5)
+    assert lab.max() == 2
+
+
+def test_thresholds_matter() -> None:
+    lab = np.zeros((30, 60), np.int32)
+    lab[5:25, 5:30] = 1
+    lab[5:25, 30:55] = 2
+    t = make_targets(lab)
+    # with a seed level above every value there are no seeds: one merged object
+    high = Thresholds(nuclei_seed=1.0)
+    nuc, _ = maps_to_instances(t, thresholds=high)
+    assert nuc.max() == 1
+    nuc, _ = maps_to_instances(t, thresholds={"nuclei_seed": 0.5})
+    assert nuc.max() == 2
+
+
+def test_maps_to_instances_bad_input() -> None:
+    with pytest.raises(InputError, match="nuclei_foreground"):
+        maps_to_instances({"clusters_foreground": np.zeros((4, 4))})
+    with pytest.raises(InputError, match="shape"):
+        maps_to_instances(
+            {"nuclei_foreground": np.zeros((4, 4)), "nuclei_distance": np.zeros((4, 5))}
+        )
+    with pytest.raises(InputError, match="spacing"):
+        maps_to_instances({"nuclei_foreground": np.zeros((4, 4))}, spacing=(1, 1, 1))
+    with pytest.raises(ModelError, match="unknown threshold"):
+        maps_to_instances({"nuclei_foreground": np.zeros((4, 4))}, thresholds={"nucle_seed": 1})
+
+
+def test_border_labels() -> None:
+    lab = np.zeros((2, 10, 10), np.int32)
+    lab[:, 0:3, 4:6] = 1
+    lab[0, 4:6, 4:6] = 2  # touches the top z-plane only: not a cut
+    lab[1, 8:10, 8:10] = 3
+    assert border_labels(lab) == {1, 3}
+    assert border_labels(lab, axes=(0, 1, 2)) == {1, 2, 3}
+
+
+def test_cluster_neck_is_not_a_contact() -> None:
+    """A dumbbell (two lobes joined by a 14 px neck) stays one cluster; two touching disks are two."""
+    yy, xx = np.mgrid[:80, :160]
+    lobes = ((yy - 40) ** 2 + (xx - 40) ** 2 < 30**2) | ((yy - 40) ** 2 + (xx - 120) ** 2 < 30**2)
+    neck = (abs(yy - 40) < 7) & (xx > 40) & (xx < 120)
+    dumbbell = (lobes | neck).astype(np.int32)
+    touching = blobs((80, 160), [(40, 45), (40, 110)], [33, 33], (1.0, 1.0))
+    assert touching.max() == 2
+    for truth, n_expected in ((dumbbell, 1), (touching, 2)):
+        t = make_targets(truth, truth)
+        _, clu = maps_to_instances(t)
+        assert clu.max() == n_expected
+        # without merging, the capped distance splits the dumbbell at its neck
+        _, split = maps_to_instances(t, thresholds=Thresholds(clusters_merge=1.0))
+        assert split.max() == 2
+
+
+def test_nuclei_stacked_in_z_are_split() -> None:
+    """Two nuclei on top of each other: plane-wise maps cannot see the contact, the seed chain's
+    area dip does."""
+    spacing = (1.0, 0.5, 0.5)
+    nuclei = blobs((22, 40, 40), [(6.0, 10.0, 10.0), (13.5, 10.5, 10.0)], [4.0, 4.0], spacing)
+    assert nuclei.max() == 2
+    # the two touch: some voxel of one is a face neighbour of the other
+    assert np.any((nuclei[:-1] == 1) & (nuclei[1:] == 2))
+    nuc, _ = maps_to_instances(make_targets(nuclei), spacing=spacing)
+    assert nuc.max() == 2
+    assert match(nuclei, nuc, thresholds=0.7)[0].ap == 1.0
+
+
+def test_shape_split_of_touching_round_clusters() -> None:
+    """Two round aggregates (r = 20 µm) fused over a short contact are two; an ellipse is one."""
+    yy, xx = np.mgrid[:100, :180] * 0.5  # µm
+    pair = ((yy - 25) ** 2 + (xx - 25) ** 2 < 20**2) | ((yy - 25) ** 2 + (xx - 62) ** 2 < 20**2)
+    ellipse = ((yy - 25) / 18) ** 2 + ((xx - 45) / 40) ** 2 < 1
+    for fg, n_shape in ((pair, 2), (ellipse, 1)):
+        maps = {
+            "nuclei_foreground": np.zeros(fg.shape, np.float32),
+            "clusters_foreground": fg.astype(np.float32),
+        }
+        kw = {"spacing": (0.5, 0.5), "cluster_diameter_um": (25.0, None)}
+        _, clu = maps_to_instances(maps, cluster_split="shape", **kw)
+        assert clu.max() == n_shape
+        _, clu = maps_to_instances(maps, cluster_split="none", **kw)
+        assert clu.max() == 1
+    truth = blobs((100, 180), [(25.0, 25.0), (25.0, 62.0)], [20.0, 20.0], (0.5, 0.5))
+    _, clu = maps_to_instances(
+        {"nuclei_foreground": np.zeros(pair.shape), "clusters_foreground": (truth > 0) * 1.0},
+        cluster_split="shape",
+        spacing=(0.5, 0.5),
+        cluster_diameter_um=(25.0, None),
+    )
+    assert match(truth, clu, thresholds=0.9)[0].ap == 1.0
+    with pytest.raises(InputError, match="cluster_split"):
+        maps_to_instances({"nuclei_foreground": np.zeros((4, 4))}, cluster_split="watershed")

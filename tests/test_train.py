@@ -1,0 +1,433 @@
+"""Tests of training: the dataset reader, paired augmentation, the loss, checkpoints, the model card
+and the shipped default model's accuracy floor. CPU only, tiny images, seconds each."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from islet_imaging.errors import InputError  # noqa: E402
+from islet_imaging.io import Field, PixelSize, write_labels, write_ome_tiff  # noqa: E402
+from islet_imaging.models._config import ModelConfig  # noqa: E402
+from islet_imaging.models._dataset import (  # noqa: E402
+    NO_AUGMENT,
+    AugmentConfig,
+    check_labels,
+    load_entry,
+    random_patch,
+    scan_dataset,
+)
+from islet_imaging.train import (  # noqa: E402
+    TrainConfig,
+    compute_loss,
+    get_dataset,
+    get_transform,
+    init_state,
+    load_checkpoint,
+    main,
+    make_batch,
+    save_checkpoint,
+    touching_boundaries,
+    train_one_epoch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "tiny", "base_channels": 4, "depth": 2, "max_channels": 8}
+
+
+# -- hand-made data with exact truth -------------------------------------------------------------
+def _discs(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    return lab
+
+
+def _tiny_image(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (2, 1, Y, X) uint16 image of bright discs (nuclei) in one square cluster, and labels."""
+    rng = np.random.default_rng(seed)
+    step = 12
+    centres = [
+        (int(y + rng.integers(-1, 2)), int(x + rng.integers(-1, 2)))
+        for y in range(14, size - 10, step)
+        for x in range(14, size - 10, step)
+    ]
+    nuclei = _discs((size, size), centres, 4)
+    clusters = np.zeros((size, size), np.int32)
+    clusters[6 : size - 4, 6 : size - 4] = 1
+    img = 200.0 + 1500.0 * (nuclei > 0) + 300.0 * (clusters > 0)
+    img = img + rng.normal(0, 40, img.shape)
+    data = np.stack([img, 100.0 + 800.0 * (clusters > 0) + rng.normal(0, 30, img.shape)])
+    return np.clip(data, 0, 65535).astype(np.uint16)[:, None], nuclei[None], clusters[None]
+
+
+def _write_dataset(
+    root: Path,
+    n: int = 2,
+    *,
+    clusters: bool = True,
+    unlabelled: int = 0,
+    metadata: bool = True,
+) -> Path:
+    rows = []
+    for i in range(n + unlabelled):
+        data, nuc, clu = _tiny_image(i)
+        fld = Field(data, ("DAPI", "INS"), PixelSize(0.65, 0.65))
+        name = f"A0{i + 1}_f1"
+        write_ome_tiff(root / "images" / f"{name}.ome.tif", fld)
+        if i < n:
+            write_labels(root / "labels" / f"{name}_nuclei.tif", nuc, like=fld, name="nuclei")
+            if clusters:
+                write_labels(
+                    root / "labels" / f"{name}_clusters.tif", clu, like=fld, name="clusters"
+                )
+        rows.append([name, "S6", "0.65", "", "DAPI|INS"])
+    if metadata:
+        with (root / "metadata.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["name", "stage", "pixel_size_um", "z_step_um", "channel_names"])
+            w.writerows(rows)
+    return root
+
+
+def _config(tmp_path: Path, train: Path, **kw: object) -> TrainConfig:
+    base = dict(
+        train=(str(train),),
+        output=str(tmp_path / "model"),
+        model_config=TINY,
+        patch_size=32,
+        batch_size=2,
+        steps=6,
+        steps_per_epoch=3,
+        lr=1e-2,
+        threads=1,
+        max_val_images=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+# -- dataset reader ------------------------------------------------------------------------------
+def test_scan_dataset_pairs_images_labels_and_metadata(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=2, unlabelled=1)
+    entries = scan_dataset(root)
+    assert [e.name for e in entries] == ["A01_f1", "A02_f1"]  # the unlabelled image is skipped
+    assert entries[0].nuclei is not None and entries[0].clusters is not None
+    assert entries[0].stage == "S6" and entries[0].pixel_size_um == pytest.approx(0.65)
+    assert entries[0].channel_names == ("DAPI", "INS")
+    assert len(scan_dataset(root, require_labels=False)) == 3
+
+
+def test_load_entry_reads_field_and_exact_labels(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    loaded = load_entry(scan_dataset(root)[0])
+    _, nuc, clu = _tiny_image(0)
+    np.testing.assert_array_equal(loaded.nuclei, nuc)
+    np.testing.assert_array_equal(loaded.clusters, clu)
+    assert loaded.field.channel_names == ("DAPI", "INS")
+    assert loaded.stage == "S6"
+
+
+def test_not_a_dataset_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not a dataset directory"):
+        scan_dataset(tmp_path)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(InputError, match="no usable image"):
+        scan_dataset(tmp_path)
+
+
+def test_missing_cluster_labels_mask_that_head(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=2, clusters=False)
+    cfg = _config(tmp_path, root)
+    mc = ModelConfig(**TINY)
+    ds = get_dataset(cfg.train, mc)
+    assert all(it.clusters is None and it.nuclei is not None for it in ds.images)
+    batch = make_batch(ds, step=0, config=cfg, model_config=mc, augment=NO_AUGMENT)
+    assert batch["clusters_present"].tolist() == [0.0, 0.0]
+    assert not batch["clusters_weight"].any()
+    assert batch["nuclei_present"].tolist() == [1.0, 1.0]
+    # the cluster head's outputs do not change the loss at all
+    b = {k: torch.from_numpy(v) for k, v in batch.items()}
+    logits = torch.zeros((2, mc.out_channels, 32, 32))
+    loss0, _ = compute_loss(logits, b, config=cfg, model_config=mc)
+    logits[:, mc.output_names.index("clusters_foreground")] = 7.0
+    logits[:, mc.output_names.index("clusters_distance")] = -3.0
+    loss1, parts = compute_loss(logits, b, config=cfg, model_config=mc)
+    assert float(loss0) == pytest.approx(float(loss1))
+    assert np.isnan(parts["loss_clusters_fg"])
+
+
+def test_binary_mask_is_refused_with_connected_components_hint(tmp_path: Path) -> None:
+    _, nuc, _ = _tiny_image(0)
+    binary = (nuc > 0).astype(np.uint8)
+    with pytest.raises(InputError, match=r"binary mask.*skimage\.measure\.label"):
+        check_labels(binary, shape=nuc.shape, path=tmp_path / "x_nuclei.tif")
+    with pytest.raises(InputError, match="dtype bool"):
+        check_labels(nuc > 0, shape=nuc.shape)
+    relabelled = check_labels(binary, shape=nuc.shape, relabel_binary=True)
+    assert relabelled.max() == nuc.max()  # separate discs → one label each
+    # the same through the files: a binary label file names the file
+    root = _write_dataset(tmp_path / "ds", n=1)
+    fld = Field(_tiny_image(0)[0], ("DAPI", "INS"), PixelSize(0.65, 0.65))
+    write_labels(root / "labels" / "A01_f1_nuclei.tif", binary, like=fld, overwrite=True)
+    with pytest.raises(InputError, match=r"A01_f1_nuclei\.tif.*binary mask"):
+        load_entry(scan_dataset(root)[0])
+    assert load_entry(scan_dataset(root)[0], relabel_binary=True).nuclei.max() == nuc.max()
+
+
+def test_label_shape_mismatch_is_an_error(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    write_labels(
+        root / "labels" / "A01_f1_clusters.tif", np.ones((1, 32, 64), np.int32), overwrite=True
+    )
+    with pytest.raises(
+        InputError, match=r"A01_f1_clusters\.tif.*shape \(1, 32, 64\).*\(1, 64, 64\)"
+    ):
+        load_entry(scan_dataset(root)[0])
+
+
+def test_empty_label_image_is_background_training_data(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    write_labels(
+        root / "labels" / "A01_f1_nuclei.tif", np.zeros((1, 64, 64), np.int32), overwrite=True
+    )
+    loaded = load_entry(scan_dataset(root)[0])
+    assert loaded.nuclei is not None and not loaded.nuclei.any()
+    cfg = _config(tmp_path, root)
+    mc = ModelConfig(**TINY)
+    batch = make_batch(
+        get_dataset(cfg.train, mc), step=0, config=cfg, model_config=mc, augment=NO_AUGMENT
+    )
+    assert batch["nuclei_present"].tolist() == [1.0, 1.0]  # annotated as "no nuclei", not masked
+    assert not batch["nuclei_foreground"].any() and batch["nuclei_weight"].min() == 1.0
+
+
+def test_bad_metadata_is_an_error(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1, metadata=False)
+    (root / "metadata.csv").write_text("name,pixel_size_um\nA01_f1,-1\n")
+    with pytest.raises(InputError, match=r"metadata\.csv.*pixel_size_um"):
+        scan_dataset(root)
+
+
+def test_images_are_rescaled_to_the_model_pixel_size(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1, metadata=False)
+    (root / "metadata.csv").write_text("name,stage,pixel_size_um\nA01_f1,S6,1.3\n")
+    ds = get_dataset([root], ModelConfig(**TINY))  # model at 0.65 µm: twice the pixels
+    item = ds.images[0]
+    assert item.image.shape == (2, 128, 128) and item.nuclei.shape == (128, 128)
+    _, nuc, _ = _tiny_image(0)
+    assert set(np.unique(item.nuclei)) == set(np.unique(nuc))  # nearest: ids kept
+    area_ratio = np.bincount(item.nuclei.ravel())[1:] / np.bincount(nuc.ravel())[1:]
+    np.testing.assert_allclose(area_ratio, 4.0, rtol=0.15)
+
+
+# -- augmentation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(12))
+def test_augmentation_keeps_image_and_labels_aligned(seed: int) -> None:
+    lab = _discs((64, 64), [(32, 32), (12, 12), (50, 14), (14, 50)], 6)
+    lab[lab == 1] = 5
+    img = np.zeros((2, 64, 64), np.float32)
+    img[0, 31, 33] = 1.0  # a marked pixel inside label 5 (off-centre, so orientation matters)
+    img[1] = lab > 0
+    aug = AugmentConfig(
+        scale_jitter=0.2, flips=True, gain=(1, 1), gamma=(1, 1), noise=0.0, blur_probability=0.0
+    )
+    rng = np.random.default_rng(seed)
+    patch, (plab, none) = random_patch(
+        img, [lab, None], size=64, rng=rng, augment=aug, background=[0, 0]
+    )
+    assert none is None
+    assert patch.shape == (2, 64, 64) and plab.shape == (64, 64) and plab.dtype == np.int32
+    assert set(np.unique(plab)) <= {0, 2, 3, 4, 5}  # nearest neighbour: no new label values
+    peak = np.unravel_index(np.argmax(patch[0]), patch[0].shape)
+    assert plab[peak] == 5
+    # the second channel (the mask drawn as an image) agrees with the labels almost everywhere
+    assert np.mean((patch[1] > 0.5) == (plab > 0)) > 0.97
+
+
+def test_augmentation_is_reproducible_and_changes_intensity() -> None:
+    lab = _discs((64, 64), [(32, 32)], 8)
+    img = np.stack([lab.astype(np.float32)])
+    aug = AugmentConfig()
+    a = random_patch(img, [lab], size=32, rng=np.random.default_rng(3), augment=aug)
+    b = random_patch(img, [lab], size=32, rng=np.random.default_rng(3), augment=aug)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    c = random_patch(img, [lab], size=32, rng=np.random.default_rng(4), augment=aug)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_touching_boundaries_mark_only_gaps_between_objects() -> None:
+    lab = np.zeros((5, 8), np.int32)
+    lab[1:4, 1:4] = 1
+    lab[1:4, 4:7] = 2
+    t = touching_boundaries(lab)
+    assert t[2, 3] == 1 and t[2, 4] == 1  # the shared edge
+    assert t[2, 1] == 0 and t[0, 0] == 0  # outer edge, background
+    assert not touching_boundaries(np.zeros((4, 4), np.int32)).any()
+
+
+# -- optimisation --------------------------------------------------------------------------------
+def test_loss_decreases_on_a_tiny_overfit_set(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    cfg = _config(
+        tmp_path, root, steps=30, steps_per_epoch=30, augment=False, schedule="constant", lr=1e-2
+    )
+    mc = ModelConfig(**TINY)
+    ds = get_dataset(cfg.train, mc)
+    state = init_state(cfg, mc)
+    torch.set_num_threads(1)
+    losses = []
+    for _ in range(6):
+        parts = train_one_epoch(
+            state,
+            ds,
+            config=cfg,
+            model_config=mc,
+            augment=get_transform(cfg),
+            n_steps=5,
+            progress=False,
+        )
+        losses.append(parts["loss"])
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=2)
+    cfg = _config(tmp_path, root, steps=6, steps_per_epoch=3)
+    mc = ModelConfig(**TINY)
+    ds = get_dataset(cfg.train, mc)
+    aug = get_transform(cfg)
+    torch.set_num_threads(1)
+
+    straight = init_state(cfg, mc)
+    while straight.step < cfg.steps:
+        train_one_epoch(straight, ds, config=cfg, model_config=mc, augment=aug, progress=False)
+
+    first = init_state(cfg, mc)
+    train_one_epoch(first, ds, config=cfg, model_config=mc, augment=aug, progress=False)
+    ckpt = save_checkpoint(tmp_path / "run" / "last.pt", first, cfg, mc)
+    del first
+    resumed = load_checkpoint(ckpt, init_state(cfg, mc))
+    assert (resumed.step, resumed.epoch) == (3, 1)
+    train_one_epoch(resumed, ds, config=cfg, model_config=mc, augment=aug, progress=False)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+
+
+def test_initial_weights_are_seeded_without_global_rng(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    mc = ModelConfig(**TINY)
+    before = torch.get_rng_state()
+    w0 = init_state(_config(tmp_path, root, seed=1), mc).model.state_dict()
+    w1 = init_state(_config(tmp_path, root, seed=1), mc).model.state_dict()
+    w2 = init_state(_config(tmp_path, root, seed=2), mc).model.state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    key = next(k for k in w0 if k.endswith("weight"))
+    assert torch.equal(w0[key], w1[key]) and not torch.equal(w0[key], w2[key])
+
+
+def test_bad_resume_checkpoint_is_an_input_error(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    cfg = _config(tmp_path, root)
+    state = init_state(cfg, ModelConfig(**TINY))
+    with pytest.raises(InputError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt", state)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt", state)
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(InputError, match="training dataset"):
+        TrainConfig(train=())
+    with pytest.raises(InputError, match="multiple of 16"):
+        TrainConfig(train=("x",), patch_size=50)
+    with pytest.raises(InputError, match="train-weights"):
+        TrainConfig(train=("x", "y"), train_weights=(1.0,))
+
+
+# -- end to end ----------------------------------------------------------------------------------
+def test_main_writes_a_loadable_model_with_card_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from islet_imaging.models._modeldir import load_model
+
+    monkeypatch.delenv("ISLET_TRAIN_COMMAND", raising=False)
+    monkeypatch.delenv("ISLET_TRAIN_DATA", raising=False)
+    train = _write_dataset(tmp_path / "train", n=2)
+    val = _write_dataset(tmp_path / "val", n=1)
+    cfg = _config(tmp_path, train, val=(str(val),), tune=True)
+    out = main(cfg, progress=False)
+    for name in ("config.json", "weights.safetensors", "thresholds.json", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "islet-imaging train --train" in card and str(train) in card
+    assert "validation nuclei ap50" in card
+    model = load_model(out)
+    assert model.config.base_channels == 4
+    run_dir = Path(cfg.run_dir)
+    with (run_dir / "train_log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert rows[-1]["val_nuclei_ap50"] != ""
+    assert (run_dir / "best.pt").is_file() and (run_dir / "last.pt").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["validation"]["nuclei_ap50"] <= 1.0
+
+
+def test_cli_parses_train_options(tmp_path: Path) -> None:
+    from islet_imaging.cli import build_parser
+    from islet_imaging.train import config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "train", "--train", "a", "b", "--train-weights", "2", "1", "--val", "c",
+            "--output", str(tmp_path / "m"), "--steps", "10", "--model-config", '{"base_channels": 8}',
+        ]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.train == ("a", "b") and cfg.train_weights == (2.0, 1.0) and cfg.steps == 10
+    assert cfg.model_config == {"base_channels": 8}
+    args.model_config = "{not json"
+    with pytest.raises(InputError, match="--model-config"):
+        config_from_args(args)
+
+
+# -- the shipped model ---------------------------------------------------------------------------
+#: Accuracy floors of the shipped default model on the fields below (measured values are higher;
+#: see models/default/README.md and benchmarks/README.md).
+DEFAULT_FLOORS = {"nuclei": 0.75, "clusters": 0.6}
+
+
+@pytest.mark.skipif(
+    not (REPO / "models" / "default" / "weights.safetensors").is_file(),
+    reason="no shipped default model",
+)
+def test_default_model_accuracy_floor() -> None:
+    from islet_imaging.metrics import match_dataset
+    from islet_imaging.segment import segment_field
+    from islet_imaging.synth import generate_field
+
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"nuclei": [], "clusters": []}
+    for stage, seed in (("S0", 9501), ("S2", 9502), ("S4", 9503), ("S6", 9504)):
+        s = generate_field(stage, seed=seed, size=192)
+        labels = segment_field(s.field, stage=stage, model=REPO / "models" / "default")
+        pairs["nuclei"].append((s.nuclei, labels.nuclei))
+        pairs["clusters"].append((s.clusters, labels.clusters))
+    for cls_name, floor in DEFAULT_FLOORS.items():
+        ap = match_dataset(pairs[cls_name], thresholds=0.5)[0].ap
+        assert ap >= floor, (cls_name, ap)
