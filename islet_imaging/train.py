@@ -1,0 +1,1260 @@
+"""Train (or fine-tune) a segmentation model on datasets in the islet-imaging layout.
+
+The structure follows the torchvision segmentation references: :func:`get_dataset`,
+:func:`get_transform`, :func:`train_one_epoch`, :func:`evaluate` and :func:`main`, driven by a frozen
+:class:`TrainConfig`. It is also the ``islet-imaging train`` subcommand (:data:`HELP`,
+:func:`add_arguments`, :func:`run`); torch is imported inside the functions that need it, so
+``islet-imaging --help`` stays fast.
+
+Training data are dataset directories (``DIR/images``, ``DIR/labels/<name>_nuclei.tif``,
+``DIR/labels/<name>_clusters.tif``, optional ``DIR/metadata.csv``), the layout ``islet-imaging
+synth`` writes and the napari plugin saves corrections into. An image without cluster labels (or
+without nuclei labels) trains only the other head: the missing head's loss is masked.
+
+Reproducibility: every random choice comes from generators seeded by ``TrainConfig.seed`` and the
+step number (``numpy.random.default_rng([seed, step])`` for the batch, a seeded
+``torch.Generator``-equivalent fork for the initial weights); nothing seeds the global RNGs. A
+checkpoint holds model, optimizer, scheduler, step, epoch, best score and both configs, so a
+resumed run continues exactly as an uninterrupted one would (bit-identical on CPU).
+
+Examples
+--------
+Train the default model (see ``scripts/train_default.sh`` for the exact shipped command)::
+
+    islet-imaging train --train runs/data/synth_train runs/data/dsb_train \\
+        --val runs/data/synth_val runs/data/dsb_val --output models/mymodel --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from islet_imaging.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from islet_imaging.models._config import ModelConfig, Thresholds
+    from islet_imaging.models._dataset import AugmentConfig, TrainingImage
+
+__all__ = [
+    "HELP",
+    "TrainConfig",
+    "TrainState",
+    "add_arguments",
+    "evaluate",
+    "get_dataset",
+    "get_transform",
+    "main",
+    "make_batch",
+    "run",
+    "train_one_epoch",
+    "tune_thresholds",
+]
+
+log = logging.getLogger(__name__)
+
+HELP = "train or fine-tune a segmentation model on annotated datasets"
+DESCRIPTION = """\
+Train (or fine-tune) a nuclei + cluster segmentation model.
+
+Data are dataset directories with images/<name>.ome.tif, labels/<name>_nuclei.tif and/or
+labels/<name>_clusters.tif and an optional metadata.csv (name, stage, pixel_size_um, z_step_um,
+channel_names) -- the layout `islet-imaging synth` writes and the napari plugin saves corrections
+into. A missing label file masks that head's loss. Images are rescaled to the model's pixel size
+(metadata.csv or the file's own pixel size); z-stacks are used plane by plane.
+
+Writes OUTPUT/ (config.json, weights.safetensors, thresholds.json, README.md model card) and a
+run directory with checkpoints (last.pt, best.pt) and train_log.csv. --resume continues a run
+exactly where it stopped.
+"""
+
+#: Columns of ``train_log.csv``.
+LOG_COLUMNS: tuple[str, ...] = (
+    "epoch",
+    "step",
+    "lr",
+    "loss",
+    "loss_nuclei_fg",
+    "loss_nuclei_dist",
+    "loss_clusters_fg",
+    "loss_clusters_dist",
+    "val_nuclei_ap50",
+    "val_clusters_ap50",
+    "val_score",
+    "seconds",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (stored in checkpoints and the model card).
+
+    Parameters
+    ----------
+    train : tuple of str
+        Training dataset directories.
+    val : tuple of str
+        Validation dataset directories (AP each epoch, best checkpoint, threshold tuning).
+    output : str
+        Model directory to write (config.json, weights.safetensors, thresholds.json, README.md).
+    run_dir : str
+        Checkpoints and ``train_log.csv`` (default ``<output>.run``).
+    train_weights : tuple of float
+        Sampling weight of each training directory (default: equal weight per image).
+    stage : str
+        Stage for images whose metadata.csv names none.
+    base_model : str, optional
+        A model directory to fine-tune from (its config and weights); otherwise a new network.
+    model_config : dict
+        Overrides of :class:`~islet_imaging.models._config.ModelConfig` fields for a new network
+        (e.g. ``{"base_channels": 16}``).
+    patch_size, batch_size : int
+        Training patch side (px, at the model scale) and patches per step.
+    steps : int
+        Total optimizer steps.
+    steps_per_epoch : int
+        Steps between validations / checkpoints.
+    lr, weight_decay : float
+        AdamW peak learning rate and weight decay.
+    schedule : {"onecycle", "cosine", "constant"}
+    loss weights : float
+        ``w_foreground``, ``w_dice``, ``w_distance``, ``w_clusters`` (the cluster head's share).
+    seed : int
+        Seeds weight initialisation and every batch.
+    threads : int
+        torch intra-op threads.
+    scale_jitter, augment : ...
+        Augmentation strength (see :class:`~islet_imaging.models._dataset.AugmentConfig`).
+    max_val_images : int
+        Validation images used per epoch (all of them for threshold tuning).
+    tune : bool
+        Tune post-processing thresholds on the validation set after training.
+    relabel_binary : bool
+        Accept binary masks as labels (connected components).
+    max_minutes : float
+        Safety limit on the wall time of the training loop (0 = none): after the epoch that
+        crosses it, training stops early (the schedule is then not finished; the model card says
+        so). A run that stops this way is not reproduced exactly by the same command.
+    """
+
+    train: tuple[str, ...]
+    val: tuple[str, ...] = ()
+    output: str = "models/trained"
+    run_dir: str = ""
+    train_weights: tuple[float, ...] = ()
+    stage: str = "S4"
+    base_model: str = ""
+    model_config: dict[str, Any] = field(default_factory=dict)
+    patch_size: int = 256
+    batch_size: int = 8
+    steps: int = 2000
+    steps_per_epoch: int = 100
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"
+    w_foreground: float = 1.0
+    w_dice: float = 1.0
+    w_distance: float = 2.0
+    w_clusters: float = 0.5
+    seed: int = 0
+    threads: int = 2
+    scale_jitter: float = 0.2
+    augment: bool = True
+    max_val_images: int = 24
+    tune: bool = True
+    max_minutes: float = 0.0
+    relabel_binary: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", tuple(str(p) for p in self.train))
+        object.__setattr__(self, "val", tuple(str(p) for p in self.val))
+        object.__setattr__(self, "train_weights", tuple(float(w) for w in self.train_weights))
+        if not self.train:
+            raise InputError("give at least one training dataset directory (--train DIR)")
+        if self.train_weights and len(self.train_weights) != len(self.train):
+            raise InputError(
+                f"{len(self.train_weights)} --train-weights for {len(self.train)} --train directories"
+            )
+        if any(not (w > 0 and math.isfinite(w)) for w in self.train_weights):
+            raise InputError("--train-weights must be positive numbers")
+        for key in ("patch_size", "batch_size", "steps", "steps_per_epoch", "threads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{key} must be a positive integer, got {value!r}")
+        if self.patch_size % 16:
+            raise InputError(f"patch_size {self.patch_size} must be a multiple of 16")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise InputError(f"schedule {self.schedule!r} is not onecycle, cosine or constant")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise InputError("lr must be > 0 and weight_decay >= 0")
+        if not 0 <= self.scale_jitter < 1:
+            raise InputError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", str(Path(self.output).with_suffix(".run")))
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.steps / self.steps_per_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        )
+
+
+# -- data ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class TrainingSet:
+    """Training or validation images at the model scale, with per-image sampling weights."""
+
+    images: tuple[TrainingImage, ...]
+    weights: np.ndarray  # (N,) float64, sums to 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def get_dataset(
+    dirs: Sequence[str | Path],
+    model_config: ModelConfig,
+    *,
+    stage: str = "S4",
+    weights: Sequence[float] = (),
+    relabel_binary: bool = False,
+) -> TrainingSet:
+    """Read dataset directories into 2D training images at the model's scale.
+
+    Parameters
+    ----------
+    dirs : sequence of path
+        Dataset directories (see the module docstring).
+    model_config : ModelConfig
+        Gives the input channels, normalisation and pixel size.
+    stage : str
+        Stage of images whose metadata names none.
+    weights : sequence of float
+        Sampling weight per directory, split evenly over its images (default: each image weighs
+        the same).
+    relabel_binary : bool
+        Accept binary masks (connected components).
+
+    Returns
+    -------
+    TrainingSet
+
+    Raises
+    ------
+    InputError
+        A directory that is not a dataset, images without pixel size, bad labels.
+    """
+    from islet_imaging.models._dataset import load_entry, scan_dataset
+
+    images: list[TrainingImage] = []
+    w: list[float] = []
+    for k, d in enumerate(dirs):
+        entries = scan_dataset(d)
+        start = len(images)
+        for entry in entries:
+            loaded = load_entry(entry, stage=stage, relabel_binary=relabel_binary)
+            images.extend(prepare_training_images(loaded, model_config, dataset=Path(d).name))
+        n = len(images) - start
+        share = float(weights[k]) if weights else float(n)
+        w.extend([share / max(n, 1)] * n)
+        log.info("%s: %d images → %d training planes", d, len(entries), n)
+    wa = np.asarray(w, np.float64)
+    return TrainingSet(tuple(images), wa / wa.sum())
+
+
+def prepare_training_images(
+    loaded: Any, model_config: ModelConfig, *, dataset: str = ""
+) -> list[TrainingImage]:
+    """One :class:`TrainingImage` per z-plane: network input and labels at the model scale.
+
+    The input is made exactly as inference makes it (:func:`~islet_imaging.models.inference.prepare_input`
+    at the native resolution, then :func:`~islet_imaging.models.inference.resize_image` to the
+    model's pixel size); labels are resized with nearest neighbour on the same pixel-centre grid.
+    """
+    from islet_imaging.models._dataset import TrainingImage
+    from islet_imaging.models.inference import (
+        prepare_input,
+        rescale_factor,
+        resize_image,
+        resize_labels,
+    )
+    from islet_imaging.stages import get_stage
+
+    fld = loaded.field
+    if fld.pixel_size is None:
+        raise InputError(
+            "training image has no pixel size; add pixel_size_um to the dataset's metadata.csv "
+            "or write it into the image file",
+            loaded.entry.image,
+        )
+    profile = get_stage(loaded.stage or "S4")
+    inp = prepare_input(fld, profile, model_config)  # (C, Z, Y, X) float32, native resolution
+    factor, _ = rescale_factor(fld, model_config)
+    z, h, w = fld.spatial_shape
+    shape = (max(1, round(h * factor)), max(1, round(w * factor)))
+    out: list[TrainingImage] = []
+    for k in range(z):
+        img = resize_image(inp[:, k], shape)
+        nuc, clu = (
+            None if lab is None else resize_labels(lab[k], shape).astype(np.int32)
+            for lab in (loaded.nuclei, loaded.clusters)
+        )
+        name = f"{dataset}/{loaded.entry.name}" + (f"_z{k}" if z > 1 else "")
+        out.append(TrainingImage(name, img.astype(np.float32), nuc, clu, stage=profile.name))
+    return out
+
+
+def get_transform(config: TrainConfig, *, train: bool = True) -> AugmentConfig:
+    """The augmentation for training (``train=True``) or none for validation."""
+    from islet_imaging.models._dataset import NO_AUGMENT, AugmentConfig
+
+    if not train or not config.augment:
+        return NO_AUGMENT
+    return AugmentConfig(scale_jitter=config.scale_jitter)
+
+
+def make_batch(
+    dataset: TrainingSet,
+    *,
+    step: int,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    augment: AugmentConfig,
+) -> dict[str, np.ndarray]:
+    """The batch of one step, fully determined by ``(config.seed, step)``.
+
+    Returns
+    -------
+    dict
+        ``"image"``: (N, C, P, P) float32; for each target map ``"<class>_<map>"``: (N, P, P)
+        float32; ``"<class>_weight"``: (N, P, P) float32 pixel weights; ``"<class>_present"``:
+        (N,) float32, 0 where that class is not annotated (its loss is masked).
+    """
+    from islet_imaging.models._dataset import random_patch
+    from islet_imaging.models._targets import make_targets
+
+    rng = np.random.default_rng([config.seed, step])
+    idx = rng.choice(len(dataset), size=config.batch_size, p=dataset.weights)
+    images, targets = [], []
+    for i in idx:
+        item = dataset.images[int(i)]
+        patch, (nuc, clu) = random_patch(
+            item.image,
+            [item.nuclei, item.clusters],
+            size=config.patch_size,
+            rng=rng,
+            augment=augment,
+        )
+        images.append(patch)
+        targets.append(_targets_for(nuc, clu, model_config, make_targets))
+    batch: dict[str, np.ndarray] = {"image": np.stack(images)}
+    for key in targets[0]:
+        batch[key] = np.stack([t[key] for t in targets])
+    return batch
+
+
+def _targets_for(
+    nuclei: np.ndarray | None,
+    clusters: np.ndarray | None,
+    model_config: ModelConfig,
+    make_targets: Any,
+) -> dict[str, np.ndarray]:
+    """Target maps, pixel weights and presence flags of one patch.
+
+    Pixel weights are the target's own (0 where a class is not annotated) times a boundary term:
+    pixels where two touching objects meet weigh :data:`TOUCH_WEIGHT` times more, so the
+    network learns the thin gaps that separate touching nuclei.
+    """
+    ref = nuclei if nuclei is not None else clusters
+    assert ref is not None
+    nuc = nuclei if nuclei is not None else np.zeros(ref.shape, np.int32)
+    maps = make_targets(nuc, clusters, distance_cap_px=model_config.distance_cap_px)
+    out: dict[str, np.ndarray] = {}
+    for cls_name, head_maps in model_config.heads.items():
+        labels = nuclei if cls_name == "nuclei" else clusters
+        present = labels is not None
+        for m in head_maps:
+            out[f"{cls_name}_{m}"] = np.asarray(maps[f"{cls_name}_{m}"], np.float32)
+        weight = np.asarray(maps[f"{cls_name}_weight"], np.float32)
+        if present:
+            weight = weight * (1.0 + (TOUCH_WEIGHT - 1.0) * touching_boundaries(labels))
+        else:
+            weight = np.zeros(ref.shape, np.float32)
+        out[f"{cls_name}_weight"] = weight.astype(np.float32)
+        out[f"{cls_name}_present"] = np.float32(present)
+    return out
+
+
+#: Extra loss weight on pixels where two objects touch.
+TOUCH_WEIGHT = 3.0
+
+
+def touching_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel of two different objects (the gaps between touching objects).
+
+    Parameters
+    ----------
+    labels : (Y, X) ndarray of int
+
+    Returns
+    -------
+    (Y, X) ndarray of float32
+        1 on such pixels, 0 elsewhere.
+    """
+    from scipy import ndimage as ndi
+
+    lab = np.asarray(labels)
+    if not lab.any():
+        return np.zeros(lab.shape, np.float32)
+    big = np.iinfo(np.int32).max
+    hi = ndi.maximum_filter(lab, size=3)
+    lo = ndi.minimum_filter(np.where(lab > 0, lab, big), size=3)
+    return ((lo < big) & (hi != lo)).astype(np.float32)
+
+
+# -- model, loss, steps --------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Mutable state of a run: what a checkpoint holds besides the configs."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    step: int = 0
+    epoch: int = 0
+    best_score: float = -1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_model_config(config: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """The model config (new, or the base model's) and the base model's weights, if any."""
+    from islet_imaging.models._config import ModelConfig
+
+    if config.base_model:
+        from islet_imaging.models._modeldir import load_model
+
+        loaded = load_model(config.base_model)
+        return loaded.config, loaded.state_dict
+    return ModelConfig(**config.model_config), None
+
+
+def init_state(
+    config: TrainConfig, model_config: ModelConfig, state_dict: Any = None
+) -> TrainState:
+    """Network (initialised from ``config.seed`` without touching the global RNG), AdamW, schedule."""
+    import torch
+
+    from islet_imaging.models._network import build_network
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_network(model_config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model = model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+    if config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
+        )
+    elif config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def compute_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    *,
+    config: TrainConfig,
+    model_config: ModelConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked loss over all heads.
+
+    Foreground: pixel-weighted BCE (weights from :func:`make_targets`: class and boundary
+    balancing) + soft Dice. Distance: L1 between ``sigmoid(logit)`` and the target inside the true
+    foreground. A class not annotated in a sample (``<class>_present == 0``) adds nothing.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    names = model_config.output_names
+    total = logits.new_zeros(())
+    parts: dict[str, float] = {}
+    for cls_name, head_maps in model_config.heads.items():
+        present = batch[f"{cls_name}_present"].reshape(-1, 1, 1)
+        n_present = present.sum()
+        cls_weight = config.w_clusters if cls_name == "clusters" else 1.0
+        if float(n_present) == 0:
+            parts[f"loss_{cls_name}_fg"] = float("nan")
+            parts[f"loss_{cls_name}_dist"] = float("nan")
+            continue
+        fg_logit = logits[:, names.index(f"{cls_name}_foreground")]
+        fg_t = batch[f"{cls_name}_foreground"]
+        w = batch[f"{cls_name}_weight"] * present
+        bce = F.binary_cross_entropy_with_logits(fg_logit, fg_t, reduction="none")
+        bce = (bce * w).sum() / w.sum().clamp_min(1.0)
+        prob = torch.sigmoid(fg_logit) * present
+        inter = (prob * fg_t).sum(dim=(1, 2))
+        denom = prob.sum(dim=(1, 2)) + (fg_t * present).sum(dim=(1, 2))
+        dice_per = 1.0 - (2 * inter + 1.0) / (denom + 1.0)
+        dice = (dice_per * present.reshape(-1)).sum() / n_present
+        loss_fg = config.w_foreground * bce + config.w_dice * dice
+        loss_d = logits.new_zeros(())
+        if "distance" in head_maps:
+            d_logit = logits[:, names.index(f"{cls_name}_distance")]
+            d_t = batch[f"{cls_name}_distance"]
+            inside = (fg_t > 0.5).float() * present
+            l1 = (torch.sigmoid(d_logit) - d_t).abs()
+            loss_d = config.w_distance * (l1 * inside).sum() / inside.sum().clamp_min(1.0)
+        total = total + cls_weight * (loss_fg + loss_d)
+        parts[f"loss_{cls_name}_fg"] = float(loss_fg.detach())
+        parts[f"loss_{cls_name}_dist"] = float(loss_d.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts
+
+
+def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def train_one_epoch(
+    state: TrainState,
+    dataset: TrainingSet,
+    *,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    augment: AugmentConfig,
+    n_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run ``config.steps_per_epoch`` optimizer steps (fewer at the end of training).
+
+    Returns the mean of each loss part over the epoch.
+    """
+    import torch
+
+    end = min(config.steps, state.step + (n_steps or config.steps_per_epoch))
+    state.model.train()
+    sums: dict[str, list[float]] = {}
+    bar = _progress(range(state.step, end), progress, desc=f"epoch {state.epoch + 1}")
+    for step in bar:
+        batch = _to_torch(
+            make_batch(
+                dataset, step=step, config=config, model_config=model_config, augment=augment
+            )
+        )
+        logits = state.model(batch["image"])
+        loss, parts = compute_loss(logits, batch, config=config, model_config=model_config)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {float(loss)} at step {step}; lower the learning rate")
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), 5.0)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step = step + 1
+        for k, v in parts.items():
+            if not math.isnan(v):
+                sums.setdefault(k, []).append(v)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+    state.epoch += 1
+    means = {k: float(np.mean(v)) for k, v in sums.items()}
+    means["lr"] = float(state.optimizer.param_groups[0]["lr"])
+    return means
+
+
+def _progress(it: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False, mininterval=5.0)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def predict_images(
+    model: Any, images: Sequence[TrainingImage], model_config: ModelConfig
+) -> list[dict[str, np.ndarray]]:
+    """The network's maps of model-scale images, through the inference code path.
+
+    Uses :func:`~islet_imaging.models.inference.predict_maps` (BatchNorm folded, tiled) on a
+    :class:`~islet_imaging.models._modeldir.Model` wrapping the network being trained. Leaves
+    the network in eval mode.
+    """
+    from islet_imaging.models._modeldir import Model
+    from islet_imaging.models.inference import predict_maps
+
+    wrapped = Model.from_network(model, model_config, device="cpu")
+    return [predict_maps(it.image, wrapped, device="cpu") for it in images]
+
+
+def instances_of(
+    maps: dict[str, np.ndarray],
+    item: TrainingImage,
+    thresholds: Thresholds,
+    model_config: ModelConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus and cluster instances of one model-scale image, with its stage's size filters."""
+    from islet_imaging.models._postprocess import maps_to_instances
+    from islet_imaging.stages import get_stage
+
+    profile = get_stage(item.stage or "S4")
+    px = model_config.pixel_size_um
+    return maps_to_instances(
+        maps,
+        thresholds=thresholds,
+        spacing=(px, px),
+        nucleus_diameter_um=profile.nucleus_diameter_um,
+        cluster_diameter_um=(profile.min_cluster_diameter_um, None),
+    )
+
+
+def evaluate(
+    model: Any,
+    dataset: TrainingSet,
+    *,
+    model_config: ModelConfig,
+    thresholds: Thresholds | None = None,
+    predictions: Sequence[dict[str, np.ndarray]] | None = None,
+) -> dict[str, float]:
+    """Pooled AP (StarDist definition) of each class on whole validation images.
+
+    The maps go through the same post-processing as inference (at the model scale, with each
+    image's stage size filters).
+
+    Returns
+    -------
+    dict
+        ``nuclei_ap50``, ``nuclei_ap75``, ``nuclei_map`` (mean AP over IoU 0.5–0.9), the same for
+        ``clusters`` (NaN when no validation image has such labels) and ``score`` (mean of the
+        available AP@0.5).
+    """
+    from islet_imaging.metrics import DEFAULT_THRESHOLDS, match_dataset
+
+    thresholds = thresholds or model_config.thresholds
+    images = list(dataset.images)
+    if predictions is None:
+        predictions = predict_images(model, images, model_config)
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"nuclei": [], "clusters": []}
+    for item, maps in zip(images, predictions, strict=True):
+        nuc, clu = instances_of(maps, item, thresholds, model_config)
+        if item.nuclei is not None:
+            pairs["nuclei"].append((item.nuclei, nuc))
+        if item.clusters is not None and "clusters" in model_config.heads:
+            pairs["clusters"].append((item.clusters, clu))
+    out: dict[str, float] = {}
+    scores = []
+    for cls_name, pr in pairs.items():
+        if not pr:
+            for k in ("ap50", "ap75", "map"):
+                out[f"{cls_name}_{k}"] = float("nan")
+            continue
+        res = match_dataset(pr, thresholds=DEFAULT_THRESHOLDS)
+        aps = [r.ap for r in res]
+        out[f"{cls_name}_ap50"] = float(aps[0])
+        out[f"{cls_name}_ap75"] = float(aps[DEFAULT_THRESHOLDS.index(0.75)])
+        out[f"{cls_name}_map"] = float(np.mean(aps))
+        scores.append(aps[0])
+    out["score"] = float(np.mean(scores)) if scores else float("nan")
+    return out
+
+
+#: Threshold search: seed levels tried at the default foreground level, then foreground levels
+#: tried at the best seed level (a coordinate search: 7 post-processings per class).
+TUNE_SEEDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+TUNE_FOREGROUNDS: tuple[float, ...] = (0.35, 0.5, 0.65)
+
+
+def tune_thresholds(
+    model: Any,
+    dataset: TrainingSet,
+    *,
+    model_config: ModelConfig,
+    max_images: int = 48,
+    progress: bool = True,
+) -> tuple[Thresholds, dict[str, float]]:
+    """Tune the post-processing thresholds of each class on validation images.
+
+    A coordinate search maximising the class's mean AP over IoU 0.5–0.9: the seed level over
+    :data:`TUNE_SEEDS` at the current foreground level, then the foreground level over
+    :data:`TUNE_FOREGROUNDS` at the best seed level. The search uses up to ``max_images``
+    images spread over the set; the returned metrics are on the whole set.
+
+    Returns
+    -------
+    thresholds : Thresholds
+    metrics : dict
+        :func:`evaluate` output on all of ``dataset`` at the tuned thresholds.
+    """
+    from islet_imaging.models._config import Thresholds
+
+    preds = predict_images(model, dataset.images, model_config)
+    idx = _spread_indices(len(dataset), max_images)
+    subset = TrainingSet(tuple(dataset.images[i] for i in idx), dataset.weights[idx])
+    sub_preds = [preds[i] for i in idx]
+    nuclei_only = [{k: v for k, v in p.items() if k.startswith("nuclei_")} for p in sub_preds]
+    best = model_config.thresholds
+    for cls_name in model_config.heads:
+        if all(getattr(it, cls_name) is None for it in subset.images):
+            continue
+        maps = nuclei_only if cls_name == "nuclei" else sub_preds
+        best, value = _tune_class(model, subset, maps, best, cls_name, model_config)
+        log.info(
+            "tuned %s thresholds: %s (mean AP %.3f on %d images)",
+            cls_name,
+            best.for_class(cls_name),
+            value,
+            len(subset),
+        )
+    assert isinstance(best, Thresholds)
+    return best, evaluate(
+        model, dataset, model_config=model_config, thresholds=best, predictions=preds
+    )
+
+
+def _tune_class(
+    model: Any,
+    subset: TrainingSet,
+    maps: Sequence[dict[str, np.ndarray]],
+    start: Thresholds,
+    cls_name: str,
+    model_config: ModelConfig,
+) -> tuple[Thresholds, float]:
+    """Coordinate search of one class's seed, then foreground level; returns the best and its score."""
+    tried: dict[tuple[float, float], float] = {}
+
+    def thresholds(fg: float, seed: float) -> Thresholds:
+        return dataclasses.replace(
+            start, **{f"{cls_name}_foreground": fg, f"{cls_name}_seed": seed}
+        )
+
+    def score(fg: float, seed: float) -> float:
+        if (fg, seed) not in tried:
+            tried[(fg, seed)] = evaluate(
+                model,
+                subset,
+                model_config=model_config,
+                thresholds=thresholds(fg, seed),
+                predictions=maps,
+            )[f"{cls_name}_map"]
+        return tried[(fg, seed)]
+
+    fg0 = float(getattr(start, f"{cls_name}_foreground"))
+    seed = max(TUNE_SEEDS, key=lambda s: score(fg0, s))
+    fg = max((*TUNE_FOREGROUNDS, fg0), key=lambda f: score(f, seed))
+    return thresholds(fg, seed), tried[(fg, seed)]
+
+
+def _spread_indices(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` indices spread evenly over ``range(n)``."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | Path, state: TrainState, config: TrainConfig, model_config: ModelConfig
+) -> Path:
+    """Write model, optimizer, scheduler, step, epoch, best score and configs (temp + rename)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "history": json.dumps(state.history),
+        "train_config": json.dumps(config.to_dict()),
+        "model_config": json.dumps(model_config.to_dict()),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
+    """Restore a :class:`TrainState` in place from :func:`save_checkpoint` output."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found; give the run's last.pt to --resume", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise InputError(f"cannot read checkpoint: {exc}", path) from exc
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.step = int(payload["step"])
+    state.epoch = int(payload["epoch"])
+    state.best_score = float(payload["best_score"])
+    state.history = json.loads(payload["history"])
+    return state
+
+
+def checkpoint_configs(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The train config and model-config dict stored in a checkpoint."""
+    import torch
+
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return (
+        TrainConfig.from_dict(json.loads(payload["train_config"])),
+        json.loads(payload["model_config"]),
+    )
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(LOG_COLUMNS), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(
+    config: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    train_set: TrainingSet | None = None,
+    val_set: TrainingSet | None = None,
+) -> Path:
+    """Train, keep the best checkpoint by validation AP@0.5, tune thresholds, write the model.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    resume : path, optional
+        A ``last.pt`` to continue from (the run's configs must match ``config``'s).
+    progress : bool
+        Show tqdm progress bars.
+    train_set, val_set : TrainingSet, optional
+        Pre-loaded data (tests); read from ``config.train`` / ``config.val`` otherwise.
+
+    Returns
+    -------
+    Path
+        The written model directory.
+    """
+    import torch
+
+    torch.set_num_threads(config.threads)
+    t_start = time.perf_counter()
+    model_config, base_weights = build_model_config(config)
+    if train_set is None:
+        train_set = get_dataset(
+            config.train,
+            model_config,
+            stage=config.stage,
+            weights=config.train_weights,
+            relabel_binary=config.relabel_binary,
+        )
+    if val_set is None and config.val:
+        val_set = get_dataset(
+            config.val, model_config, stage=config.stage, relabel_binary=config.relabel_binary
+        )
+    log.info(
+        "training on %d images, validating on %d; %d steps of %d × %d² patches",
+        len(train_set),
+        0 if val_set is None else len(val_set),
+        config.steps,
+        config.batch_size,
+        config.patch_size,
+    )
+    state = init_state(config, model_config, base_weights)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train_log.csv"
+    if resume is not None:
+        load_checkpoint(resume, state)
+        log.info("resumed from %s at step %d", resume, state.step)
+    elif log_path.exists():
+        log_path.unlink()
+    (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    augment = get_transform(config, train=True)
+    val_subset = None
+    if val_set is not None:
+        val_subset = _spread_subset(val_set, config.max_val_images)
+    elapsed_before = state.history[-1]["seconds"] if state.history else 0.0
+    while state.step < config.steps:
+        parts = train_one_epoch(
+            state,
+            train_set,
+            config=config,
+            model_config=model_config,
+            augment=augment,
+            progress=progress,
+        )
+        row: dict[str, Any] = {"epoch": state.epoch, "step": state.step, **parts}
+        if val_subset is not None:
+            metrics = evaluate(state.model, val_subset, model_config=model_config)
+            state.model.train()
+            row["val_nuclei_ap50"] = metrics.get("nuclei_ap50", float("nan"))
+            row["val_clusters_ap50"] = metrics.get("clusters_ap50", float("nan"))
+            row["val_score"] = metrics["score"]
+            score = metrics["score"]
+        else:
+            score = -parts["loss"]
+        row["seconds"] = round(elapsed_before + time.perf_counter() - t_start, 1)
+        state.history.append({k: float(v) for k, v in row.items()})
+        _append_log(log_path, row)
+        log.info(
+            "epoch %d step %d loss %.4f val nuclei AP50 %s clusters AP50 %s",
+            state.epoch,
+            state.step,
+            parts.get("loss", float("nan")),
+            _fmt(row.get("val_nuclei_ap50")),
+            _fmt(row.get("val_clusters_ap50")),
+        )
+        if math.isfinite(score) and score > state.best_score:
+            state.best_score = score
+            save_checkpoint(run_dir / "best.pt", state, config, model_config)
+        save_checkpoint(run_dir / "last.pt", state, config, model_config)
+        if (
+            config.max_minutes
+            and row["seconds"] > 60.0 * config.max_minutes
+            and state.step < config.steps
+        ):
+            log.warning(
+                "stopping early at step %d of %d: the %.0f-minute limit (--max-minutes) is reached",
+                state.step,
+                config.steps,
+                config.max_minutes,
+            )
+            break
+    return finish(
+        config,
+        state,
+        model_config,
+        val_set,
+        seconds=time.perf_counter() - t_start + elapsed_before,
+        progress=progress,
+    )
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
+
+
+def _spread_subset(dataset: TrainingSet, n: int) -> TrainingSet:
+    """Up to ``n`` images spread evenly over the dataset (all datasets and stages represented)."""
+    if len(dataset) <= n:
+        return dataset
+    idx = _spread_indices(len(dataset), n)
+    w = dataset.weights[idx]
+    return TrainingSet(tuple(dataset.images[i] for i in idx), w / w.sum())
+
+
+def finish(
+    config: TrainConfig,
+    state: TrainState,
+    model_config: ModelConfig,
+    val_set: TrainingSet | None,
+    *,
+    seconds: float,
+    progress: bool = True,
+) -> Path:
+    """Load the best weights, tune thresholds, write the model directory and its card."""
+    import torch
+
+    from islet_imaging.models._modeldir import save_model
+
+    run_dir = Path(config.run_dir)
+    best = run_dir / "best.pt"
+    if best.is_file():
+        payload = torch.load(best, map_location="cpu", weights_only=True)
+        state.model.load_state_dict(payload["model"])
+        best_step = int(payload["step"])
+    else:
+        best_step = state.step
+    thresholds = model_config.thresholds
+    metrics: dict[str, float] = {}
+    if val_set is not None:
+        if config.tune:
+            thresholds, metrics = tune_thresholds(
+                state.model, val_set, model_config=model_config, progress=progress
+            )
+        else:
+            metrics = evaluate(state.model, val_set, model_config=model_config)
+    model_config = model_config.replace(thresholds=thresholds)
+    state.model.config = model_config
+    out = save_model(config.output, state.model, model_config, thresholds, overwrite=True)
+    write_card(
+        out, config, metrics=metrics, seconds=seconds, best_step=best_step, history=state.history
+    )
+    summary = {
+        "best_step": best_step,
+        "seconds": round(seconds, 1),
+        "validation": metrics,
+        "thresholds": thresholds.to_dict(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("wrote %s (validation: %s)", out, {k: round(v, 3) for k, v in metrics.items()})
+    return out
+
+
+def write_card(
+    directory: str | Path,
+    config: TrainConfig,
+    *,
+    metrics: dict[str, float],
+    seconds: float,
+    best_step: int,
+    history: Sequence[dict[str, float]] = (),
+) -> Path:
+    """The model card (README.md) of a trained model: data, command, time, validation, limits.
+
+    The command is ``$ISLET_TRAIN_COMMAND`` when set (``scripts/train_default.sh`` sets it to
+    itself), else the equivalent ``islet-imaging train`` line; ``$ISLET_TRAIN_DATA`` may hold a
+    fuller description of the training data.
+    """
+    from islet_imaging.models._modeldir import write_model_card
+
+    command = os.environ.get("ISLET_TRAIN_COMMAND") or "islet-imaging train " + " ".join(
+        _config_to_argv(config)
+    )
+    data = os.environ.get("ISLET_TRAIN_DATA") or (
+        "Training directories: "
+        + ", ".join(f"`{d}`" for d in config.train)
+        + ("; validation: " + ", ".join(f"`{d}`" for d in config.val) if config.val else "")
+        + "."
+    )
+    training: dict[str, Any] = {
+        "steps": config.steps,
+        "best checkpoint (step)": best_step,
+        "batch size × patch": f"{config.batch_size} × {config.patch_size}²",
+        "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}",
+        "loss": "weighted BCE + Dice (foreground), L1 inside objects (distance); "
+        f"touching-boundary weight {TOUCH_WEIGHT}; cluster head × {config.w_clusters}; "
+        "heads without labels masked",
+        "augmentation": (
+            f"scale ±{config.scale_jitter:.0%}, flips, 90° rotations, gain, gamma, noise, blur"
+            if config.augment
+            else "none"
+        ),
+        "seed": config.seed,
+        "wall time": f"{seconds / 60:.1f} min, {config.threads} CPU threads",
+        "steps done": (
+            f"{int(history[-1]['step'])} of {config.steps} (stopped early by --max-minutes)"
+            if history and int(history[-1]["step"]) < config.steps
+            else f"{config.steps}"
+        ),
+    }
+    if history:
+        training["final training loss"] = round(float(history[-1].get("loss", float("nan"))), 4)
+    shown = {
+        f"validation {k.replace('_', ' ')}": round(v, 4)
+        for k, v in metrics.items()
+        if k != "score" and not math.isnan(v)
+    }
+    limitations = os.environ.get("ISLET_TRAIN_LIMITATIONS") or (
+        "Validation figures are on the validation set the thresholds were tuned on (optimistic); "
+        "see benchmarks/ for held-out accuracy."
+    )
+    return write_model_card(
+        directory,
+        training_data=data,
+        metrics=shown,
+        command=command,
+        training=training,
+        limitations=limitations,
+    )
+
+
+def _config_to_argv(config: TrainConfig) -> list[str]:
+    argv = ["--train", *config.train]
+    if config.val:
+        argv += ["--val", *config.val]
+    argv += ["--output", config.output, "--steps", str(config.steps)]
+    return argv
+
+
+# -- command line --------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``islet-imaging train``."""
+    d = TrainConfig(train=("x",))
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--train", nargs="+", required=True, metavar="DIR", help="training dataset directories"
+    )
+    data.add_argument(
+        "--val", nargs="*", default=[], metavar="DIR", help="validation dataset directories"
+    )
+    data.add_argument(
+        "--train-weights",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="W",
+        help="sampling weight of each --train directory (default: each image equally)",
+    )
+    data.add_argument(
+        "--stage", default=d.stage, help="stage of images whose metadata.csv names none"
+    )
+    data.add_argument(
+        "--relabel-binary",
+        action="store_true",
+        help="accept binary masks as labels (connected components; touching objects merge)",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--output", required=True, help="model directory to write")
+    model.add_argument("--base-model", default="", help="model directory to fine-tune from")
+    model.add_argument(
+        "--model-config",
+        default="",
+        help="JSON object of ModelConfig overrides for a new network, e.g. '{\"base_channels\": 16}'",
+    )
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument(
+        "--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})"
+    )
+    opt.add_argument(
+        "--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps between validations"
+    )
+    opt.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"patches per step (default {d.batch_size})",
+    )
+    opt.add_argument(
+        "--patch-size", type=int, default=d.patch_size, help="patch side in px (multiple of 16)"
+    )
+    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    opt.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay"
+    )
+    opt.add_argument(
+        "--schedule",
+        choices=("onecycle", "cosine", "constant"),
+        default=d.schedule,
+        help="learning-rate schedule",
+    )
+    opt.add_argument(
+        "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
+    )
+    opt.add_argument(
+        "--scale-jitter", type=float, default=d.scale_jitter, help="±relative scale augmentation"
+    )
+    opt.add_argument("--no-augment", action="store_true", help="no augmentation")
+    opt.add_argument(
+        "--seed", type=int, default=d.seed, help="seeds initial weights and every batch"
+    )
+    opt.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--run-dir", default="", help="checkpoints and train_log.csv (default OUTPUT.run)"
+    )
+    run.add_argument("--resume", default=None, help="continue from this last.pt")
+    run.add_argument(
+        "--max-val-images", type=int, default=d.max_val_images, help="validation images per epoch"
+    )
+    run.add_argument(
+        "--no-tune", action="store_true", help="do not tune thresholds on the validation set"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop training after the epoch that passes this wall time (0 = no limit)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed ``islet-imaging train`` arguments."""
+    overrides: dict[str, Any] = {}
+    if args.model_config:
+        try:
+            overrides = json.loads(args.model_config)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--model-config is not valid JSON: {exc}") from None
+        if not isinstance(overrides, dict):
+            raise InputError("--model-config must be a JSON object")
+    return TrainConfig(
+        train=tuple(args.train),
+        val=tuple(args.val),
+        output=args.output,
+        run_dir=args.run_dir,
+        train_weights=tuple(args.train_weights),
+        stage=args.stage,
+        base_model=args.base_model,
+        model_config=overrides,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        w_clusters=args.w_clusters,
+        seed=args.seed,
+        threads=args.threads,
+        scale_jitter=args.scale_jitter,
+        augment=not args.no_augment,
+        max_val_images=args.max_val_images,
+        max_minutes=args.max_minutes,
+        tune=not args.no_tune,
+        relabel_binary=args.relabel_binary,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``islet-imaging train``."""
+    config = config_from_args(args)
+    out = main(config, resume=args.resume, progress=not args.no_progress)
+    log.info("model written to %s", out)
+    return 0
