@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from islet_imaging._atomic import atomic_write
 from islet_imaging.errors import InputError
 from islet_imaging.io._plate import PlateMap, discover_images, parse_plate_name
 from islet_imaging.measure._cells import BackgroundMethod, measure_cells
@@ -632,18 +631,6 @@ def _order_clusters(clusters: pd.DataFrame) -> pd.DataFrame:
     return clusters[head + [c for c in clusters.columns if c not in head]]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _for_parquet(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for col in out.columns:
@@ -665,11 +652,11 @@ def write_tables(
     for name, table in tables.items():
         if "csv" in formats:
             p = out / f"{name}.csv"
-            _atomic_write(p, lambda t, table=table: table.to_csv(t, index=False))
+            atomic_write(p, lambda t, table=table: table.to_csv(t, index=False))
             written.append(p)
         if "parquet" in formats:
             p = out / f"{name}.parquet"
-            _atomic_write(p, lambda t, table=table: _for_parquet(table).to_parquet(t, index=False))
+            atomic_write(p, lambda t, table=table: _for_parquet(table).to_parquet(t, index=False))
             written.append(p)
     return written
 
@@ -741,7 +728,7 @@ def score_path(
     tables = finalize(results, options=options, plate_map=plate_map) if results else None
     if tables is not None:
         write_tables(tables, out)
-    _atomic_write(
+    atomic_write(
         out / "failures.csv",
         lambda t: pd.DataFrame(failures, columns=["image", "error"]).to_csv(t, index=False),
     )
@@ -757,7 +744,7 @@ def score_path(
         "n_fields": len(results),
         "n_failed": len(failures),
     }
-    _atomic_write(
+    atomic_write(
         out / "run.json", lambda t: t.write_text(json.dumps(run_info, indent=2, default=str))
     )
     log.info("scored %d field(s), %d failure(s) → %s", len(results), len(failures), out)

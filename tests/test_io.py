@@ -755,3 +755,17 @@ def test_ome_zarr_plate_is_refused(tmp_path: Path) -> None:
     zarr.open_group(str(path), mode="w", zarr_format=2).attrs.update({"plate": {"wells": []}})
     with pytest.raises(ImageReadError, match="HCS plate"):
         read_field(path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    from islet_imaging.io import Field, PixelSize, write_ome_tiff
+
+    mask = os.umask(0o022)
+    try:
+        f = Field(np.ones((1, 1, 8, 8), np.uint16), ("DAPI",), PixelSize(0.5, 0.5))
+        out = write_ome_tiff(tmp_path / "a.ome.tif", f)
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o644

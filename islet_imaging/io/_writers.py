@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from islet_imaging._atomic import atomic_write
 from islet_imaging.errors import InputError
 from islet_imaging.io._field import Field, Origin, PixelSize
 
@@ -97,7 +96,7 @@ def write_ome_tiff(
         origin=field.origin,
         name=field.origin.name,
     )
-    _atomic_write(target, lambda tmp: _imwrite(tmp, data, metadata, field.pixel_size, compression))
+    atomic_write(target, lambda tmp: _imwrite(tmp, data, metadata, field.pixel_size, compression))
     log.debug("wrote %s %s %s to %s", field.name, data.shape, data.dtype, target)
     return target
 
@@ -205,7 +204,7 @@ def write_labels(
     metadata = _ome_metadata(
         axes="CZYX", channel_names=(name,), pixel_size=pixel_size, origin=origin, name=name
     )
-    _atomic_write(target, lambda tmp: _imwrite(tmp, data, metadata, pixel_size, "zlib"))
+    atomic_write(target, lambda tmp: _imwrite(tmp, data, metadata, pixel_size, "zlib"))
     log.debug("wrote labels %s %s (max %d) to %s", data.shape[1:], data.dtype, high, target)
     return target
 
@@ -242,25 +241,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``target`` then rename it onto ``target``."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise InputError(f"cannot create the output folder or file: {exc}", target) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InputError(f"cannot write the file: {exc}", target) from exc
-        raise
 
 
 def _ome_dtype(data: np.ndarray, target: Path) -> np.ndarray:

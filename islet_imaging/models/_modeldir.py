@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from islet_imaging._atomic import atomic_write
 from islet_imaging.errors import ModelError
 from islet_imaging.models._config import FORMAT_VERSION, ModelConfig, Thresholds
 from islet_imaging.models._network import UNet, build_network, count_parameters, fuse_for_inference
@@ -216,14 +217,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _write_json(Path(tmp), obj)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: _write_json(tmp, obj))
 
 
 def save_model(

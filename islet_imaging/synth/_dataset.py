@@ -13,14 +13,13 @@ Layout (see the project brief)::
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from islet_imaging._atomic import atomic_write
 from islet_imaging.errors import InputError
 from islet_imaging.stages import StageProfile, get_stage, list_stages
 from islet_imaging.synth._generate import SynthField, generate_field, parse_size
@@ -59,15 +58,9 @@ def field_seed(seed: int, stage: StageProfile, index: int) -> int:
 def _write_csv(path: Path, df: pd.DataFrame, *, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise InputError("file already exists; refusing to overwrite it (use --overwrite)", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+    )
     return path
 
 
