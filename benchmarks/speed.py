@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from islet_imaging.models import count_parameters, make_targets, maps_to_instances
     from islet_imaging.models.classical import segment_classical
-    from islet_imaging.models.inference import predict_maps, prepare_input, segment_cnn
+    from islet_imaging.models.inference import (
+        cluster_split_for,
+        predict_maps,
+        prepare_input,
+        segment_cnn,
+    )
     from islet_imaging.stages import get_stage
 
     profile = get_stage("S6")
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     maps = predict_maps(inp, model, tile=args.tile)
     kw = {
+        "cluster_split": cluster_split_for(profile, cfg),  # as segment_cnn does
         "spacing": fld.pixel_size.yx,
         "nucleus_diameter_um": profile.nucleus_diameter_um,
         "cluster_diameter_um": (profile.min_cluster_diameter_um, None),
