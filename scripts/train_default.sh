@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # THE command that trained the shipped default model (models/default/).
 #
-#   bash scripts/train_default.sh            # data (~5 min) + training (~1.5 h on 2 CPU threads)
+#   bash scripts/train_default.sh            # data (~8 min) + training (~52 min on 2 shared CPU threads)
+#
+# The shipped weights came from exactly this command (all 1800 steps ran; the --max-minutes 50
+# safety limit, checked after each 150-step epoch, did not trigger). On a slower machine it could
+# stop early and give different weights: drop --max-minutes there to reproduce them exactly.
 #
 # 1. Training / validation data into runs/data (git-ignored): synthetic fields of all 8 stages
 #    (seeds 0-999 train, 1000-1099 validation; seeds >= 9000 are the held-out benchmark set) and

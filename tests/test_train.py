@@ -408,9 +408,10 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
 
 
 # -- the shipped model ---------------------------------------------------------------------------
-#: Accuracy floors of the shipped default model on the fields below (measured values are higher;
+#: Accuracy floors of the shipped default model on the fields below (measured when shipped: nuclei
+#: AP@0.5 0.889, clusters 0.667 = 4 matched, 1 extra, 1 missed of 5 true clusters;
 #: see models/default/README.md and benchmarks/README.md).
-DEFAULT_FLOORS = {"nuclei": 0.75, "clusters": 0.6}
+DEFAULT_FLOORS = {"nuclei": 0.80, "clusters": 0.5}
 
 
 @pytest.mark.skipif(
