@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from islet_imaging._atomic import atomic_write
 from islet_imaging.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -816,10 +817,7 @@ def save_checkpoint(
         "model_config": json.dumps(model_config.to_dict()),
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
