@@ -10,7 +10,7 @@ from pathlib import Path
 from islet_imaging.errors import InputError
 from islet_imaging.io._field import Field
 
-__all__ = ["DESCRIPTION", "HELP", "add_arguments", "describe_field", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "describe_field", "run", "split_channel_names"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,19 @@ Examples:
   islet-imaging info plate/                     # every image, then images per well
   islet-imaging info img.png --channel-names DAPI --pixel-size 0.65
 """
+
+
+def split_channel_names(text: str | None) -> list[str] | None:
+    """The names of a ``--channel-names`` option (``"DAPI,INS"`` or ``"DAPI|INS"``), blanks dropped.
+
+    Examples
+    --------
+    >>> split_channel_names("DAPI, INS|GCG,")
+    ['DAPI', 'INS', 'GCG']
+    """
+    if not text:
+        return None
+    return [n.strip() for n in text.replace("|", ",").split(",") if n.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

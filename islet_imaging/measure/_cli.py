@@ -131,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``score``; returns 0 if every image was scored, 1 if any failed."""
+    from islet_imaging.io._cli import split_channel_names
     from islet_imaging.io._plate import read_plate_map
     from islet_imaging.measure._positivity import parse_threshold_method
     from islet_imaging.score import ScoreOptions, score_path
@@ -148,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.min_cells < 0 or args.min_clusters < 0:
         raise InputError("--min-cells and --min-clusters must be >= 0")
-    names = None
-    if args.channel_names:
-        names = [n.strip() for n in args.channel_names.replace("|", ",").split(",") if n.strip()]
+    names = split_channel_names(args.channel_names)
     options = ScoreOptions(
         stage=stage,
         model=str(args.model),

@@ -126,6 +126,7 @@ def _outputs(out: Path, name: str, probabilities: bool) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; returns 0 if every image was segmented, 1 if any failed."""
     from islet_imaging.io import discover_images, read_fields
+    from islet_imaging.io._cli import split_channel_names
     from islet_imaging.stages import get_stage
 
     if args.tile < 32:
@@ -145,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
         from islet_imaging.models._modeldir import load_model
 
         model = load_model(args.model, device=args.device)  # fail early on a bad model
-    names = None
-    if args.channel_names:
-        names = [n.strip() for n in args.channel_names.replace("|", ",").split(",") if n.strip()]
+    names = split_channel_names(args.channel_names)
 
     images: list[Path] = []
     for item in args.images:
