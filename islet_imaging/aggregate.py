@@ -266,9 +266,10 @@ def _monolayer_counts(
     return out
 
 
-def _qc_columns(
-    table: pd.DataFrame, stage_of_row: pd.Series, profiles: dict[str, StageProfile]
-) -> pd.DataFrame:
+def _qc_columns(table: pd.DataFrame, known: Mapping[str, StageProfile] | None) -> pd.DataFrame:
+    """``table`` with QC columns against the profile of each row's ``stage``."""
+    stage_of_row = table["stage"]
+    profiles = _profiles(stage_of_row.dropna().unique(), known)
     table = _monolayer_counts(table, stage_of_row, profiles)
     qc_pass: list[object] = []
     qc_text: list[str] = []
@@ -346,7 +347,7 @@ def summarize_fields(
     )
     meta = fields[info_cols].drop_duplicates("image")
     table = meta.merge(table, on="image", how="right")
-    return _qc_columns(table, table["stage"], _profiles(table["stage"].dropna().unique(), profiles))
+    return _qc_columns(table, profiles)
 
 
 def summarize_wells(
@@ -428,7 +429,7 @@ def summarize_wells(
             table[f"positive_{pop}_cells_per_seeded_cell"] = (
                 table[f"positive_{pop}_cells_per_well_est"] / seeded_s
             )
-    return _qc_columns(table, table["stage"], _profiles(table["stage"].dropna().unique(), profiles))
+    return _qc_columns(table, profiles)
 
 
 def summarize_plates(
@@ -454,7 +455,7 @@ def summarize_plates(
     table = summarize(
         cells, clusters, fields, ["plate", "stage"], min_cells=min_cells, min_clusters=min_clusters
     )
-    return _qc_columns(table, table["stage"], _profiles(table["stage"].dropna().unique(), profiles))
+    return _qc_columns(table, profiles)
 
 
 def summarize_stages(
@@ -521,4 +522,4 @@ def summarize_stages(
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    return _qc_columns(table, table["stage"], _profiles(table["stage"].dropna().unique(), profiles))
+    return _qc_columns(table, profiles)
