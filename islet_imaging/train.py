@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from islet_imaging.models._config import ModelConfig, Thresholds
-    from islet_imaging.models._dataset import AugmentConfig, TrainingImage
+    from islet_imaging.models._dataset import AugmentConfig, DatasetEntry, TrainingImage
 
 __all__ = [
     "HELP",
@@ -70,17 +71,25 @@ log = logging.getLogger(__name__)
 
 HELP = "train or fine-tune a segmentation model on annotated datasets"
 DESCRIPTION = """\
-Train (or fine-tune) a nuclei + cluster segmentation model.
+Fine-tune the default model (or train a new one, --init scratch) on annotated images.
 
-Data are dataset directories with images/<name>.ome.tif, labels/<name>_nuclei.tif and/or
-labels/<name>_clusters.tif and an optional metadata.csv (name, stage, pixel_size_um, z_step_um,
-channel_names) -- the layout `islet-imaging synth` writes and the napari plugin saves corrections
-into. A missing label file masks that head's loss. Images are rescaled to the model's pixel size
-(metadata.csv or the file's own pixel size); z-stacks are used plane by plane.
+Data are dataset directories with images/<name>.<ext> (any format `islet-imaging info` reads,
+PNG too), labels/<name>_nuclei.tif and/or labels/<name>_clusters.tif (instance labels) and an
+optional metadata.csv (name, stage, pixel_size_um, z_step_um, channel_names joined by "|") -- the
+layout `islet-imaging synth` writes and the napari plugin saves corrections into. A missing label
+file masks that head's loss. Images are rescaled to the model's pixel size; z-stacks are used
+plane by plane.
 
-Writes OUTPUT/ (config.json, weights.safetensors, thresholds.json, README.md model card) and a
-run directory with checkpoints (last.pt, best.pt) and train_log.csv. --resume continues a run
-exactly where it stopped.
+Validation (--val DIR, or --val-fraction of the --data images) runs the full instance pipeline
+every epoch; the checkpoint with the best AP@0.5 is kept, training stops early after --patience
+epochs without improvement, and the post-processing thresholds are tuned on the validation images.
+
+Writes MODEL_DIR/ (config.json, weights.safetensors, thresholds.json, README.md model card) and
+MODEL_DIR.run/ (last.pt, best.pt, train_log.csv, split.json). --resume continues an interrupted
+run exactly where it stopped.
+
+Example (fine-tune on your corrections, 20 % held out for validation):
+  islet-imaging train --data my_annotations --out models/my_lab --epochs 30
 """
 
 #: Columns of ``train_log.csv``.
@@ -106,65 +115,79 @@ class TrainConfig:
 
     Parameters
     ----------
-    train : tuple of str
+    data : tuple of str
         Training dataset directories.
     val : tuple of str
-        Validation dataset directories (AP each epoch, best checkpoint, threshold tuning).
-    output : str
+        Validation dataset directories (AP each epoch, early stopping, best checkpoint,
+        threshold tuning). Empty: ``val_fraction`` of the training images are held out.
+    val_fraction : float
+        Share of the annotated training images held out for validation when ``val`` is empty
+        (whole images, chosen by ``seed``; 0 = no validation: no early stopping, no tuning).
+    out : str
         Model directory to write (config.json, weights.safetensors, thresholds.json, README.md).
     run_dir : str
-        Checkpoints and ``train_log.csv`` (default ``<output>.run``).
-    train_weights : tuple of float
+        Checkpoints and ``train_log.csv`` (default ``<out>.run``).
+    data_weights : tuple of float
         Sampling weight of each training directory (default: equal weight per image).
     stage : str
         Stage for images whose metadata.csv names none.
-    base_model : str, optional
-        A model directory to fine-tune from (its config and weights); otherwise a new network.
+    init : str
+        ``"default"`` (fine-tune the shipped default model), ``"scratch"`` (a new network), or
+        a model name / directory to fine-tune from (its architecture and weights).
     model_config : dict
         Overrides of :class:`~islet_imaging.models._config.ModelConfig` fields for a new network
-        (e.g. ``{"base_channels": 16}``).
+        (``init="scratch"`` only; e.g. ``{"base_channels": 16}``).
     patch_size, batch_size : int
         Training patch side (px, at the model scale) and patches per step.
-    steps : int
-        Total optimizer steps.
+    epochs : int
+        Number of epochs; the learning-rate schedule spans ``epochs * steps_per_epoch`` steps.
     steps_per_epoch : int
-        Steps between validations / checkpoints.
+        Steps between validations / checkpoints; 0 = about one pass over the training pixels
+        (resolved by :func:`resolve_steps_per_epoch` once the data are read).
     lr, weight_decay : float
         AdamW peak learning rate and weight decay.
     schedule : {"onecycle", "cosine", "constant"}
     loss weights : float
         ``w_foreground``, ``w_dice``, ``w_distance``, ``w_clusters`` (the cluster head's share).
     seed : int
-        Seeds weight initialisation and every batch.
+        Seeds weight initialisation, the validation split and every batch.
     threads : int
-        torch intra-op threads.
+        torch intra-op threads (CPU).
+    device : {"auto", "cpu", "cuda"}
+        Where to train; ``"auto"`` = CUDA when available.
     scale_jitter, augment : ...
         Augmentation strength (see :class:`~islet_imaging.models._dataset.AugmentConfig`).
     max_val_images : int
         Validation images used per epoch (all of them for threshold tuning).
+    patience : int
+        Early stopping: stop when the validation AP@0.5 has not improved for this many epochs
+        (0 = never stop early).
     tune : bool
         Tune post-processing thresholds on the validation set after training.
     relabel_binary : bool
         Accept binary masks as labels (connected components).
+    missing_labels : {"error", "skip"}
+        Images with neither nuclei nor cluster labels: refuse the data (listing them) or skip them.
     max_minutes : float
         Safety limit on the wall time of the training loop (0 = none): after the epoch that
         crosses it, training stops early (the schedule is then not finished; the model card says
         so). A run that stops this way is not reproduced exactly by the same command.
     """
 
-    train: tuple[str, ...]
+    data: tuple[str, ...]
     val: tuple[str, ...] = ()
-    output: str = "models/trained"
+    val_fraction: float = 0.2
+    out: str = "models/trained"
     run_dir: str = ""
-    train_weights: tuple[float, ...] = ()
+    data_weights: tuple[float, ...] = ()
     stage: str = "S4"
-    base_model: str = ""
+    init: str = "default"
     model_config: dict[str, Any] = field(default_factory=dict)
     patch_size: int = 256
     batch_size: int = 8
-    steps: int = 2000
-    steps_per_epoch: int = 100
-    lr: float = 3e-3
+    epochs: int = 20
+    steps_per_epoch: int = 0
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     schedule: str = "onecycle"
     w_foreground: float = 1.0
@@ -173,29 +196,36 @@ class TrainConfig:
     w_clusters: float = 0.5
     seed: int = 0
     threads: int = 2
+    device: str = "auto"
     scale_jitter: float = 0.2
     augment: bool = True
     max_val_images: int = 24
+    patience: int = 5
     tune: bool = True
     max_minutes: float = 0.0
     relabel_binary: bool = False
+    missing_labels: str = "error"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "train", tuple(str(p) for p in self.train))
+        object.__setattr__(self, "data", tuple(str(p) for p in self.data))
         object.__setattr__(self, "val", tuple(str(p) for p in self.val))
-        object.__setattr__(self, "train_weights", tuple(float(w) for w in self.train_weights))
-        if not self.train:
-            raise InputError("give at least one training dataset directory (--train DIR)")
-        if self.train_weights and len(self.train_weights) != len(self.train):
+        object.__setattr__(self, "data_weights", tuple(float(w) for w in self.data_weights))
+        if not self.data:
+            raise InputError("give at least one training dataset directory (--data DIR)")
+        if self.data_weights and len(self.data_weights) != len(self.data):
             raise InputError(
-                f"{len(self.train_weights)} --train-weights for {len(self.train)} --train directories"
+                f"{len(self.data_weights)} --data-weights for {len(self.data)} --data directories"
             )
-        if any(not (w > 0 and math.isfinite(w)) for w in self.train_weights):
-            raise InputError("--train-weights must be positive numbers")
-        for key in ("patch_size", "batch_size", "steps", "steps_per_epoch", "threads"):
+        if any(not (w > 0 and math.isfinite(w)) for w in self.data_weights):
+            raise InputError("--data-weights must be positive numbers")
+        for key in ("patch_size", "batch_size", "epochs", "threads", "max_val_images"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("steps_per_epoch", "patience"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{key} must be a non-negative integer, got {value!r}")
         if self.patch_size % 16:
             raise InputError(f"patch_size {self.patch_size} must be a multiple of 16")
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -204,12 +234,28 @@ class TrainConfig:
             raise InputError("lr must be > 0 and weight_decay >= 0")
         if not 0 <= self.scale_jitter < 1:
             raise InputError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InputError(f"device {self.device!r} is not auto, cpu or cuda")
+        if self.missing_labels not in ("error", "skip"):
+            raise InputError(f"missing_labels {self.missing_labels!r} is not error or skip")
+        if not self.init:
+            raise InputError("init must be 'default', 'scratch' or a model directory")
+        if self.model_config and self.init != "scratch":
+            raise InputError(
+                "--model-config sets the architecture of a new network; it needs --init scratch "
+                f"(fine-tuning keeps the architecture of the --init model {self.init!r})"
+            )
         if not self.run_dir:
-            object.__setattr__(self, "run_dir", str(Path(self.output).with_suffix(".run")))
+            object.__setattr__(self, "run_dir", str(Path(self.out).with_suffix(".run")))
 
     @property
-    def epochs(self) -> int:
-        return math.ceil(self.steps / self.steps_per_epoch)
+    def steps(self) -> int:
+        """Total optimizer steps (needs a resolved ``steps_per_epoch``)."""
+        if not self.steps_per_epoch:
+            raise RuntimeError("steps_per_epoch is not resolved yet (resolve_steps_per_epoch)")
+        return self.epochs * self.steps_per_epoch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -224,6 +270,24 @@ class TrainConfig:
         return cls(
             **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         )
+
+
+#: Bounds of the automatic epoch length (steps).
+AUTO_STEPS_PER_EPOCH: tuple[int, int] = (16, 300)
+
+
+def resolve_steps_per_epoch(config: TrainConfig, train_set: TrainingSet) -> TrainConfig:
+    """``config`` with ``steps_per_epoch`` set: about one pass over the training pixels.
+
+    An epoch samples ``batch_size`` patches of ``patch_size``² per step; the automatic length
+    covers the summed area of the training planes once, within :data:`AUTO_STEPS_PER_EPOCH`.
+    """
+    if config.steps_per_epoch:
+        return config
+    pixels = sum(int(np.prod(it.shape)) for it in train_set.images)
+    per_step = config.batch_size * config.patch_size**2
+    lo, hi = AUTO_STEPS_PER_EPOCH
+    return dataclasses.replace(config, steps_per_epoch=int(np.clip(-(-pixels // per_step), lo, hi)))
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -245,6 +309,7 @@ def get_dataset(
     stage: str = "S4",
     weights: Sequence[float] = (),
     relabel_binary: bool = False,
+    missing_labels: str = "error",
 ) -> TrainingSet:
     """Read dataset directories into 2D training images at the model's scale.
 
@@ -261,6 +326,8 @@ def get_dataset(
         the same).
     relabel_binary : bool
         Accept binary masks (connected components).
+    missing_labels : {"error", "skip"}
+        What to do with images that have no label file (see :func:`scan_data`).
 
     Returns
     -------
@@ -269,22 +336,110 @@ def get_dataset(
     Raises
     ------
     InputError
-        A directory that is not a dataset, images without pixel size, bad labels.
+        A directory that is not a dataset, images without labels or pixel size, bad labels.
     """
-    from islet_imaging.models._dataset import load_entry, scan_dataset
+    entries = scan_data(dirs, missing_labels=missing_labels)
+    return load_training_set(
+        entries, dirs, model_config, stage=stage, weights=weights, relabel_binary=relabel_binary
+    )
 
+
+def scan_data(
+    dirs: Sequence[str | Path], *, missing_labels: str = "error"
+) -> list[tuple[int, DatasetEntry]]:
+    """The annotated images of dataset directories, as ``(directory index, entry)`` pairs.
+
+    Images with neither ``labels/<name>_nuclei.tif`` nor ``labels/<name>_clusters.tif`` are
+    refused with the list of their names (``missing_labels="error"``) or skipped with a warning
+    that lists them (``"skip"``).
+    """
+    from islet_imaging.models._dataset import scan_dataset
+
+    out: list[tuple[int, DatasetEntry]] = []
+    for k, d in enumerate(dirs):
+        entries = scan_dataset(d, require_labels=False)
+        missing = [e.name for e in entries if not e.has_labels]
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        if missing and (missing_labels == "error" or len(missing) == len(entries)):
+            if len(missing) == len(entries):
+                raise InputError(
+                    "no image has labels (labels/<name>_nuclei.tif or labels/<name>_clusters.tif); "
+                    "annotate some images first (e.g. with the napari plugin)",
+                    d,
+                )
+            raise InputError(
+                f"{len(missing)} image(s) have no labels (labels/<name>_nuclei.tif or "
+                f"labels/<name>_clusters.tif): {shown}. Annotate them, move them out of images/, "
+                "or pass --missing-labels skip to train on the annotated images only",
+                d,
+            )
+        if missing:
+            log.warning("%s: skipping %d image(s) without labels: %s", d, len(missing), shown)
+        out.extend((k, e) for e in entries if e.has_labels)
+    return out
+
+
+def split_validation(
+    entries: Sequence[tuple[int, DatasetEntry]],
+    fraction: float,
+    *,
+    seed: int = 0,
+    where: Sequence[str | Path] = (),
+) -> tuple[list[tuple[int, DatasetEntry]], list[tuple[int, DatasetEntry]]]:
+    """Hold out ``fraction`` of the images (whole images, at least one) for validation.
+
+    The choice is a seeded permutation, so the same data and seed give the same split.
+
+    Raises
+    ------
+    InputError
+        Fewer than two images: nothing would be left to train or to validate on.
+    """
+    n = len(entries)
+    n_val = max(1, round(fraction * n))
+    if n - n_val < 1:
+        raise InputError(
+            f"{n} annotated image(s): too few to hold out a validation fraction of {fraction} "
+            "and still train. Add images, give a separate validation set with --val DIR, or "
+            "pass --val-fraction 0 to train without validation (no early stopping, no "
+            "threshold tuning)" + (f" (data: {', '.join(str(w) for w in where)})" if where else "")
+        )
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    val = sorted(int(i) for i in order[:n_val])
+    keep = sorted(int(i) for i in order[n_val:])
+    return [entries[i] for i in keep], [entries[i] for i in val]
+
+
+def load_training_set(
+    entries: Sequence[tuple[int, DatasetEntry]],
+    dirs: Sequence[str | Path],
+    model_config: ModelConfig,
+    *,
+    stage: str = "S4",
+    weights: Sequence[float] = (),
+    relabel_binary: bool = False,
+) -> TrainingSet:
+    """Load ``(directory index, entry)`` pairs (:func:`scan_data`) at the model's scale."""
+    from islet_imaging.models._dataset import load_entry
+
+    per_dir: dict[int, list[TrainingImage]] = {}
+    for k, entry in entries:
+        loaded = load_entry(entry, stage=stage, relabel_binary=relabel_binary)
+        name = Path(dirs[k]).name
+        per_dir.setdefault(k, []).extend(
+            prepare_training_images(loaded, model_config, dataset=name)
+        )
     images: list[TrainingImage] = []
     w: list[float] = []
-    for k, d in enumerate(dirs):
-        entries = scan_dataset(d)
-        start = len(images)
-        for entry in entries:
-            loaded = load_entry(entry, stage=stage, relabel_binary=relabel_binary)
-            images.extend(prepare_training_images(loaded, model_config, dataset=Path(d).name))
-        n = len(images) - start
-        share = float(weights[k]) if weights else float(n)
-        w.extend([share / max(n, 1)] * n)
-        log.info("%s: %d images → %d training planes", d, len(entries), n)
+    for k, planes in sorted(per_dir.items()):
+        share = float(weights[k]) if weights else float(len(planes))
+        images.extend(planes)
+        w.extend([share / len(planes)] * len(planes))
+        log.info("%s: %d training planes", dirs[k], len(planes))
+    if not images:
+        raise InputError(f"no training image in {', '.join(str(d) for d in dirs)}")
     wa = np.asarray(w, np.float64)
     return TrainingSet(tuple(images), wa / wa.sum())
 
@@ -412,6 +567,17 @@ def _targets_for(
     return out
 
 
+#: ModelConfig fields that define the network's tensors (a checkpoint must agree on them).
+ARCHITECTURE_KEYS: tuple[str, ...] = (
+    "inputs",
+    "base_channels",
+    "depth",
+    "max_channels",
+    "norm",
+    "activation",
+    "heads",
+)
+
 #: Extra loss weight on pixels where two objects touch.
 TOUCH_WEIGHT = 3.0
 
@@ -450,19 +616,33 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     best_score: float = -1.0
+    best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    device: str = "cpu"
 
 
 def build_model_config(config: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """The model config (new, or the base model's) and the base model's weights, if any."""
+    """The model config (new, or the ``--init`` model's) and the ``--init`` model's weights."""
     from islet_imaging.models._config import ModelConfig
 
-    if config.base_model:
+    if config.init != "scratch":
         from islet_imaging.models._modeldir import load_model
 
-        loaded = load_model(config.base_model)
-        return loaded.config, loaded.state_dict
+        loaded = load_model(config.init, device="cpu")
+        # start from the init model's tuned thresholds; the network is copied by init_state
+        return loaded.config.replace(thresholds=loaded.thresholds), loaded.network.state_dict()
     return ModelConfig(**config.model_config), None
+
+
+def training_device(config: TrainConfig) -> str:
+    """``config.device`` resolved: ``"auto"`` is CUDA when available, else CPU."""
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {config.device}: no CUDA device is available; use cpu")
+    return config.device
 
 
 def init_state(
@@ -478,7 +658,8 @@ def init_state(
         model = build_network(model_config)
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    model = model.to(memory_format=torch.channels_last)
+    device = training_device(config)
+    model = model.to(device=device, memory_format=torch.channels_last)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -497,7 +678,7 @@ def init_state(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
-    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, device=device)
 
 
 def compute_loss(
@@ -552,10 +733,10 @@ def compute_loss(
     return total, parts
 
 
-def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def _to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[str, torch.Tensor]:
     import torch
 
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
     out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
 
@@ -584,7 +765,8 @@ def train_one_epoch(
         batch = _to_torch(
             make_batch(
                 dataset, step=step, config=config, model_config=model_config, augment=augment
-            )
+            ),
+            state.device,
         )
         logits = state.model(batch["image"])
         loss, parts = compute_loss(logits, batch, config=config, model_config=model_config)
@@ -628,8 +810,9 @@ def predict_images(
     from islet_imaging.models._modeldir import Model
     from islet_imaging.models.inference import predict_maps
 
-    wrapped = Model.from_network(model, model_config, device="cpu")
-    return [predict_maps(it.image, wrapped, device="cpu") for it in images]
+    device = next(model.parameters()).device
+    wrapped = Model.from_network(model, model_config, device=device)
+    return [predict_maps(it.image, wrapped, device=device) for it in images]
 
 
 def instances_of(
@@ -812,6 +995,7 @@ def save_checkpoint(
         "step": state.step,
         "epoch": state.epoch,
         "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
         "history": json.dumps(state.history),
         "train_config": json.dumps(config.to_dict()),
         "model_config": json.dumps(model_config.to_dict()),
@@ -828,15 +1012,26 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
     if not path.is_file():
         raise InputError("checkpoint not found; give the run's last.pt to --resume", path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location=state.device, weights_only=True)
+        stored = json.loads(payload["model_config"])
     except Exception as exc:  # corrupt or foreign file
         raise InputError(f"cannot read checkpoint: {exc}", path) from exc
+    current = json.loads(json.dumps(state.model.config.to_dict()))
+    differ = sorted(k for k in ARCHITECTURE_KEYS if k in stored and stored.get(k) != current.get(k))
+    if differ:
+        raise InputError(
+            "the checkpoint is of another architecture ("
+            + ", ".join(f"{k}: {stored.get(k)!r} here {current.get(k)!r}" for k in differ)
+            + "); resume with the options (--init, --model-config) of the run that wrote it",
+            path,
+        )
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step = int(payload["step"])
     state.epoch = int(payload["epoch"])
     state.best_score = float(payload["best_score"])
+    state.best_epoch = int(payload.get("best_epoch", 0))
     state.history = json.loads(payload["history"])
     return state
 
@@ -867,6 +1062,7 @@ def main(
     *,
     resume: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     train_set: TrainingSet | None = None,
     val_set: TrainingSet | None = None,
 ) -> Path:
@@ -879,6 +1075,9 @@ def main(
         A ``last.pt`` to continue from (the run's configs must match ``config``'s).
     progress : bool
         Show tqdm progress bars.
+    overwrite : bool
+        Replace an existing model directory at ``config.out`` (refused otherwise, before any
+        training).
     train_set, val_set : TrainingSet, optional
         Pre-loaded data (tests); read from ``config.train`` / ``config.val`` otherwise.
 
@@ -889,35 +1088,59 @@ def main(
     """
     import torch
 
+    check_output(config, overwrite=overwrite or resume is not None)
     torch.set_num_threads(config.threads)
     t_start = time.perf_counter()
     model_config, base_weights = build_model_config(config)
+    if config.init != "scratch":  # the fine-tuned model is named after its directory
+        model_config = model_config.replace(name=Path(config.out).name)
+    run_dir = Path(config.run_dir)
     if train_set is None:
-        train_set = get_dataset(
-            config.train,
-            model_config,
+        entries = scan_data(config.data, missing_labels=config.missing_labels)
+        val_entries: list[tuple[int, DatasetEntry]] = []
+        if not config.val and config.val_fraction > 0 and val_set is None:
+            entries, val_entries = split_validation(
+                entries, config.val_fraction, seed=config.seed, where=config.data
+            )
+        read = functools.partial(
+            load_training_set,
+            model_config=model_config,
             stage=config.stage,
-            weights=config.train_weights,
             relabel_binary=config.relabel_binary,
         )
+        train_set = read(entries, config.data, weights=config.data_weights)
+        if val_entries:
+            val_set = read(val_entries, config.data)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            split = {
+                "train": [f"{config.data[k]}/{e.name}" for k, e in entries],
+                "val": [f"{config.data[k]}/{e.name}" for k, e in val_entries],
+            }
+            (run_dir / "split.json").write_text(json.dumps(split, indent=2))
     if val_set is None and config.val:
         val_set = get_dataset(
-            config.val, model_config, stage=config.stage, relabel_binary=config.relabel_binary
+            config.val,
+            model_config,
+            stage=config.stage,
+            relabel_binary=config.relabel_binary,
+            missing_labels=config.missing_labels,
         )
+    config = resolve_steps_per_epoch(config, train_set)
     log.info(
-        "training on %d images, validating on %d; %d steps of %d × %d² patches",
+        "training on %d images, validating on %d; %d epochs of %d steps of %d × %d² patches",
         len(train_set),
         0 if val_set is None else len(val_set),
-        config.steps,
+        config.epochs,
+        config.steps_per_epoch,
         config.batch_size,
         config.patch_size,
     )
     state = init_state(config, model_config, base_weights)
-    run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train_log.csv"
     if resume is not None:
         load_checkpoint(resume, state)
+        check_resume_config(resume, config)
         log.info("resumed from %s at step %d", resume, state.step)
     elif log_path.exists():
         log_path.unlink()
@@ -927,6 +1150,29 @@ def main(
     if val_set is not None:
         val_subset = _spread_subset(val_set, config.max_val_images)
     elapsed_before = state.history[-1]["seconds"] if state.history else 0.0
+    if val_subset is not None and resume is None and config.init != "scratch":
+        # epoch 0: the --init model as it is; fine-tuning must beat it to replace it
+        metrics = evaluate(state.model, val_subset, model_config=model_config)
+        state.model.train()
+        row0 = {
+            "epoch": 0,
+            "step": 0,
+            "val_nuclei_ap50": metrics.get("nuclei_ap50", float("nan")),
+            "val_clusters_ap50": metrics.get("clusters_ap50", float("nan")),
+            "val_score": metrics["score"],
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+        state.history.append({k: float(v) for k, v in row0.items()})
+        _append_log(log_path, row0)
+        log.info(
+            "before training (%s): val nuclei AP50 %s clusters AP50 %s",
+            config.init,
+            _fmt(row0["val_nuclei_ap50"]),
+            _fmt(row0["val_clusters_ap50"]),
+        )
+        if math.isfinite(metrics["score"]):
+            state.best_score = metrics["score"]
+            save_checkpoint(run_dir / "best.pt", state, config, model_config)
     while state.step < config.steps:
         parts = train_one_epoch(
             state,
@@ -959,8 +1205,24 @@ def main(
         )
         if math.isfinite(score) and score > state.best_score:
             state.best_score = score
+            state.best_epoch = state.epoch
             save_checkpoint(run_dir / "best.pt", state, config, model_config)
         save_checkpoint(run_dir / "last.pt", state, config, model_config)
+        if (
+            val_subset is not None
+            and config.patience
+            and state.epoch - state.best_epoch >= config.patience
+            and state.step < config.steps
+        ):
+            log.warning(
+                "early stopping at epoch %d: validation AP@0.5 has not improved for %d epochs "
+                "(best %.4f at epoch %d)",
+                state.epoch,
+                config.patience,
+                state.best_score,
+                state.best_epoch,
+            )
+            break
         if (
             config.max_minutes
             and row["seconds"] > 60.0 * config.max_minutes
@@ -981,6 +1243,51 @@ def main(
         seconds=time.perf_counter() - t_start + elapsed_before,
         progress=progress,
     )
+
+
+#: TrainConfig fields that may change when a run is resumed (they do not change the result).
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"threads", "device", "max_minutes", "max_val_images", "patience", "tune"}
+)
+
+
+def check_output(config: TrainConfig, *, overwrite: bool = False) -> None:
+    """Refuse to replace the ``--init`` model, or an existing model without ``overwrite``."""
+    out = Path(config.out)
+    if config.init != "scratch":
+        from islet_imaging.models._modeldir import resolve_model_dir
+
+        if out.exists() and out.resolve() == resolve_model_dir(config.init):
+            raise InputError(
+                "--out is the --init model itself; write the fine-tuned model to a new directory",
+                out,
+            )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            "the model directory already exists; choose another --out or pass --overwrite to "
+            "replace it",
+            out,
+        )
+
+
+def check_resume_config(path: str | Path, config: TrainConfig) -> None:
+    """A resumed run must have the options of the run that wrote the checkpoint.
+
+    Raises
+    ------
+    InputError
+        Listing the options that differ (only those in :data:`RESUMABLE_CHANGES` may).
+    """
+    stored, _ = checkpoint_configs(path)
+    a, b = stored.to_dict(), config.to_dict()
+    differ = sorted(k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k))
+    if differ:
+        raise InputError(
+            "the checkpoint was written by a run with other options ("
+            + "; ".join(f"{k}: {a[k]!r} there, {b.get(k)!r} now" for k in differ)
+            + "); resume with the same options",
+            path,
+        )
 
 
 def _fmt(v: Any) -> str:
@@ -1029,7 +1336,7 @@ def finish(
             metrics = evaluate(state.model, val_set, model_config=model_config)
     model_config = model_config.replace(thresholds=thresholds)
     state.model.config = model_config
-    out = save_model(config.output, state.model, model_config, thresholds, overwrite=True)
+    out = save_model(config.out, state.model, model_config, thresholds, overwrite=True)
     write_card(
         out, config, metrics=metrics, seconds=seconds, best_step=best_step, history=state.history
     )
@@ -1066,13 +1373,32 @@ def write_card(
     )
     data = os.environ.get("ISLET_TRAIN_DATA") or (
         "Training directories: "
-        + ", ".join(f"`{d}`" for d in config.train)
-        + ("; validation: " + ", ".join(f"`{d}`" for d in config.val) if config.val else "")
-        + "."
+        + ", ".join(f"`{d}`" for d in config.data)
+        + (
+            "; validation: " + ", ".join(f"`{d}`" for d in config.val)
+            if config.val
+            else f"; validation: {config.val_fraction:.0%} of the training images held out "
+            f"(seed {config.seed}; list in {config.run_dir}/split.json)"
+            if config.val_fraction
+            else "; no validation set"
+        )
+        + f". Started from: {'a new network' if config.init == 'scratch' else config.init}."
     )
+    done = int(history[-1]["step"]) if history else config.steps
+    if done >= config.steps:
+        steps_done = f"{config.steps}"
+    elif config.max_minutes and history and history[-1]["seconds"] > 60 * config.max_minutes:
+        steps_done = f"{done} of {config.steps} (stopped by --max-minutes {config.max_minutes:g})"
+    else:
+        steps_done = f"{done} of {config.steps} (early stopping, patience {config.patience})"
     training: dict[str, Any] = {
-        "steps": config.steps,
-        "best checkpoint (step)": best_step,
+        "initial weights": "new network" if config.init == "scratch" else config.init,
+        "epochs × steps": f"{config.epochs} × {config.steps_per_epoch}",
+        "best checkpoint (step)": (
+            f"{best_step} (the initial model: fine-tuning did not improve validation AP@0.5)"
+            if best_step == 0
+            else best_step
+        ),
         "batch size × patch": f"{config.batch_size} × {config.patch_size}²",
         "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}",
         "loss": "weighted BCE + Dice (foreground), L1 inside objects (distance); "
@@ -1084,14 +1410,15 @@ def write_card(
             else "none"
         ),
         "seed": config.seed,
-        "wall time": f"{seconds / 60:.1f} min, {config.threads} CPU threads",
-        "steps done": (
-            f"{int(history[-1]['step'])} of {config.steps} (stopped early by --max-minutes)"
-            if history and int(history[-1]["step"]) < config.steps
-            else f"{config.steps}"
-        ),
+        "wall time": f"{seconds / 60:.1f} min, "
+        + (f"{config.threads} CPU threads" if config.device in ("auto", "cpu") else config.device),
+        "steps done": steps_done,
     }
-    if history:
+    if history and int(history[0]["epoch"]) == 0:
+        training["validation AP@0.5 of the initial model (nuclei / clusters)"] = (
+            f"{_fmt(history[0].get('val_nuclei_ap50'))} / {_fmt(history[0].get('val_clusters_ap50'))}"
+        )
+    if history and "loss" in history[-1]:
         training["final training loss"] = round(float(history[-1].get("loss", float("nan"))), 4)
     shown = {
         f"validation {k.replace('_', ' ')}": round(v, 4)
@@ -1113,34 +1440,50 @@ def write_card(
 
 
 def _config_to_argv(config: TrainConfig) -> list[str]:
-    argv = ["--train", *config.train]
-    if config.val:
-        argv += ["--val", *config.val]
-    argv += ["--output", config.output, "--steps", str(config.steps)]
+    argv = ["--data", *config.data]
+    argv += ["--val", *config.val] if config.val else ["--val-fraction", f"{config.val_fraction:g}"]
+    argv += ["--out", config.out, "--init", config.init, "--epochs", str(config.epochs)]
+    argv += ["--steps-per-epoch", str(config.steps_per_epoch), "--lr", f"{config.lr:g}"]
+    argv += ["--seed", str(config.seed)]
     return argv
 
 
 # -- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``islet-imaging train``."""
-    d = TrainConfig(train=("x",))
+    d = TrainConfig(data=("x",))
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--train", nargs="+", required=True, metavar="DIR", help="training dataset directories"
+        "--data", nargs="+", required=True, metavar="DIR", help="training dataset directories"
     )
     data.add_argument(
-        "--val", nargs="*", default=[], metavar="DIR", help="validation dataset directories"
-    )
-    data.add_argument(
-        "--train-weights",
-        nargs="*",
+        "--data-weights",
+        nargs="+",
         type=float,
         default=[],
         metavar="W",
-        help="sampling weight of each --train directory (default: each image equally)",
+        help="sampling weight of each --data directory (default: each image equally)",
+    )
+    held_out = data.add_mutually_exclusive_group()
+    held_out.add_argument(
+        "--val", nargs="+", default=[], metavar="DIR", help="validation dataset directories"
+    )
+    held_out.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        metavar="F",
+        help=f"without --val: hold out this share of the --data images (default {d.val_fraction};"
+        " 0 = no validation)",
     )
     data.add_argument(
         "--stage", default=d.stage, help="stage of images whose metadata.csv names none"
+    )
+    data.add_argument(
+        "--missing-labels",
+        choices=("error", "skip"),
+        default=d.missing_labels,
+        help="images without label files: refuse the data (default) or skip them",
     )
     data.add_argument(
         "--relabel-binary",
@@ -1148,19 +1491,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept binary masks as labels (connected components; touching objects merge)",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--output", required=True, help="model directory to write")
-    model.add_argument("--base-model", default="", help="model directory to fine-tune from")
+    model.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    model.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+    model.add_argument(
+        "--init",
+        default=d.init,
+        metavar="NAME|PATH",
+        help="start from this model (default: the shipped 'default' model); 'scratch' = new network",
+    )
     model.add_argument(
         "--model-config",
         default="",
-        help="JSON object of ModelConfig overrides for a new network, e.g. '{\"base_channels\": 16}'",
+        help="with --init scratch: JSON object of ModelConfig fields, e.g. '{\"depth\": 4}'",
     )
     opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     opt.add_argument(
-        "--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})"
-    )
-    opt.add_argument(
-        "--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps between validations"
+        "--steps-per-epoch",
+        type=int,
+        default=d.steps_per_epoch,
+        help="optimizer steps per epoch (default 0: about one pass over the training pixels)",
     )
     opt.add_argument(
         "--batch-size",
@@ -1169,9 +1519,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"patches per step (default {d.batch_size})",
     )
     opt.add_argument(
-        "--patch-size", type=int, default=d.patch_size, help="patch side in px (multiple of 16)"
+        "--patch-size",
+        type=int,
+        default=d.patch_size,
+        help=f"patch side in px at the model scale, a multiple of 16 (default {d.patch_size})",
     )
-    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    opt.add_argument(
+        "--lr", type=float, default=d.lr, help=f"peak learning rate, AdamW (default {d.lr:g})"
+    )
     opt.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay"
     )
@@ -1179,7 +1534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         choices=("onecycle", "cosine", "constant"),
         default=d.schedule,
-        help="learning-rate schedule",
+        help="learning-rate schedule over all epochs",
     )
     opt.add_argument(
         "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
@@ -1189,14 +1544,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--no-augment", action="store_true", help="no augmentation")
     opt.add_argument(
-        "--seed", type=int, default=d.seed, help="seeds initial weights and every batch"
+        "--seed", type=int, default=d.seed, help="seeds weights, validation split and batches"
     )
-    opt.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--run-dir", default="", help="checkpoints and train_log.csv (default OUTPUT.run)"
+        "--device",
+        default=d.device,
+        help="auto (CUDA when available), cpu or cuda[:N] (default auto)",
     )
-    run.add_argument("--resume", default=None, help="continue from this last.pt")
+    run.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    run.add_argument(
+        "--run-dir", default="", help="checkpoints and train_log.csv (default MODEL_DIR.run)"
+    )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run exactly (default: RUN_DIR/last.pt)",
+    )
+    run.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop when validation AP@0.5 has not improved for this many epochs (0 = never; "
+        f"default {d.patience})",
+    )
     run.add_argument(
         "--max-val-images", type=int, default=d.max_val_images, help="validation images per epoch"
     )
@@ -1223,17 +1597,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not isinstance(overrides, dict):
             raise InputError("--model-config must be a JSON object")
     return TrainConfig(
-        train=tuple(args.train),
+        data=tuple(args.data),
         val=tuple(args.val),
-        output=args.output,
+        val_fraction=args.val_fraction,
+        out=args.out,
         run_dir=args.run_dir,
-        train_weights=tuple(args.train_weights),
+        data_weights=tuple(args.data_weights),
         stage=args.stage,
-        base_model=args.base_model,
+        init=args.init,
         model_config=overrides,
         patch_size=args.patch_size,
         batch_size=args.batch_size,
-        steps=args.steps,
+        epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -1241,18 +1616,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         w_clusters=args.w_clusters,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
         scale_jitter=args.scale_jitter,
         augment=not args.no_augment,
         max_val_images=args.max_val_images,
+        patience=args.patience,
         max_minutes=args.max_minutes,
         tune=not args.no_tune,
         relabel_binary=args.relabel_binary,
+        missing_labels=args.missing_labels,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``islet-imaging train``."""
     config = config_from_args(args)
-    out = main(config, resume=args.resume, progress=not args.no_progress)
+    resume = args.resume
+    if resume == "last":
+        resume = Path(config.run_dir) / "last.pt"
+    out = main(config, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     log.info("model written to %s", out)
     return 0

@@ -11,7 +11,7 @@
 #    (seeds 0-999 train, 1000-1099 validation; seeds >= 9000 are the held-out benchmark set) and
 #    the DSB 2018 fluorescence nuclei train/val splits (symlinks; the test split is never used).
 # 2. Training with islet-imaging train; checkpoints and train_log.csv in runs/default.run/.
-#    Resume an interrupted run with:  bash scripts/train_default.sh --resume runs/default.run/last.pt
+#    Resume an interrupted run with:  bash scripts/train_default.sh --resume
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -29,11 +29,11 @@ export ISLET_TRAIN_DATA="Synthetic fields from islet_imaging.synth for all 8 sta
 export ISLET_TRAIN_LIMITATIONS="Trained on synthetic fields plus DSB 2018 nuclei only: no real SC-islet / differentiation images with cluster annotations were available, so cluster accuracy on real aggregates is unmeasured. 2D network: z-stacks are predicted plane by plane and joined in 3D by the post-processing. Validation metrics above are on the set the thresholds were tuned on (optimistic); held-out figures are in benchmarks/README.md. Images without a pixel size are rescaled from a nucleus diameter estimated from the image; give --nucleus-diameter (px) when known. Very dense 3D aggregates imaged in widefield (strong haze) and nuclei far outside 4-18 µm are outside the training distribution."
 
 exec nice -n 5 "$PY" -m islet_imaging -v train \
-    --train runs/data/synth_train runs/data/dsb_train --train-weights 0.65 0.35 \
+    --data runs/data/synth_train runs/data/dsb_train --data-weights 0.65 0.35 \
     --val runs/data/synth_val runs/data/dsb_val \
-    --output "$OUT" --run-dir runs/default.run \
+    --out "$OUT" --overwrite --init scratch --run-dir runs/default.run \
     --model-config '{"name": "default", "base_channels": 16, "depth": 5, "max_channels": 128, "distance_cap_px": {"nuclei": null, "clusters": 40.0}, "typical_nucleus_diameter_um": 8.5, "description": "Default islet-imaging model: nuclei and clusters (colonies, monolayer patches, aggregates) of every stage from iPSC to SC-islet, in fluorescence images with a nuclear stain."}' \
-    --steps 1800 --steps-per-epoch 150 --batch-size 8 --patch-size 256 \
+    --epochs 12 --steps-per-epoch 150 --patience 0 --batch-size 8 --patch-size 256 \
     --lr 3e-3 --schedule onecycle --w-clusters 1.0 --scale-jitter 0.2 \
     --seed 0 --threads 2 --max-val-images 16 --max-minutes 50 --no-progress \
     "$@"

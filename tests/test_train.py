@@ -4,6 +4,7 @@ and the shipped default model's accuracy floor. CPU only, tiny images, seconds e
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -100,12 +101,14 @@ def _write_dataset(
 
 def _config(tmp_path: Path, train: Path, **kw: object) -> TrainConfig:
     base = dict(
-        train=(str(train),),
-        output=str(tmp_path / "model"),
+        data=(str(train),),
+        out=str(tmp_path / "model"),
+        init="scratch",
+        val_fraction=0.0,
         model_config=TINY,
         patch_size=32,
         batch_size=2,
-        steps=6,
+        epochs=2,
         steps_per_epoch=3,
         lr=1e-2,
         threads=1,
@@ -148,7 +151,7 @@ def test_missing_cluster_labels_mask_that_head(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path / "ds", n=2, clusters=False)
     cfg = _config(tmp_path, root)
     mc = ModelConfig(**TINY)
-    ds = get_dataset(cfg.train, mc)
+    ds = get_dataset(cfg.data, mc)
     assert all(it.clusters is None and it.nuclei is not None for it in ds.images)
     batch = make_batch(ds, step=0, config=cfg, model_config=mc, augment=NO_AUGMENT)
     assert batch["clusters_present"].tolist() == [0.0, 0.0]
@@ -204,7 +207,7 @@ def test_empty_label_image_is_background_training_data(tmp_path: Path) -> None:
     cfg = _config(tmp_path, root)
     mc = ModelConfig(**TINY)
     batch = make_batch(
-        get_dataset(cfg.train, mc), step=0, config=cfg, model_config=mc, augment=NO_AUGMENT
+        get_dataset(cfg.data, mc), step=0, config=cfg, model_config=mc, augment=NO_AUGMENT
     )
     assert batch["nuclei_present"].tolist() == [1.0, 1.0]  # annotated as "no nuclei", not masked
     assert not batch["nuclei_foreground"].any() and batch["nuclei_weight"].min() == 1.0
@@ -279,10 +282,10 @@ def test_touching_boundaries_mark_only_gaps_between_objects() -> None:
 def test_loss_decreases_on_a_tiny_overfit_set(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path / "ds", n=1)
     cfg = _config(
-        tmp_path, root, steps=30, steps_per_epoch=30, augment=False, schedule="constant", lr=1e-2
+        tmp_path, root, epochs=1, steps_per_epoch=30, augment=False, schedule="constant", lr=1e-2
     )
     mc = ModelConfig(**TINY)
-    ds = get_dataset(cfg.train, mc)
+    ds = get_dataset(cfg.data, mc)
     state = init_state(cfg, mc)
     torch.set_num_threads(1)
     losses = []
@@ -303,9 +306,9 @@ def test_loss_decreases_on_a_tiny_overfit_set(tmp_path: Path) -> None:
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path / "ds", n=2)
-    cfg = _config(tmp_path, root, steps=6, steps_per_epoch=3)
+    cfg = _config(tmp_path, root)
     mc = ModelConfig(**TINY)
-    ds = get_dataset(cfg.train, mc)
+    ds = get_dataset(cfg.data, mc)
     aug = get_transform(cfg)
     torch.set_num_threads(1)
 
@@ -353,11 +356,18 @@ def test_bad_resume_checkpoint_is_an_input_error(tmp_path: Path) -> None:
 
 def test_train_config_validation() -> None:
     with pytest.raises(InputError, match="training dataset"):
-        TrainConfig(train=())
+        TrainConfig(data=())
     with pytest.raises(InputError, match="multiple of 16"):
-        TrainConfig(train=("x",), patch_size=50)
-    with pytest.raises(InputError, match="train-weights"):
-        TrainConfig(train=("x", "y"), train_weights=(1.0,))
+        TrainConfig(data=("x",), patch_size=50)
+    with pytest.raises(InputError, match="data-weights"):
+        TrainConfig(data=("x", "y"), data_weights=(1.0,))
+    with pytest.raises(InputError, match="val_fraction"):
+        TrainConfig(data=("x",), val_fraction=1.0)
+    with pytest.raises(InputError, match="needs --init scratch"):
+        TrainConfig(data=("x",), model_config={"depth": 3})
+    with pytest.raises(InputError, match="device"):
+        TrainConfig(data=("x",), device="tpu")
+    assert TrainConfig(data=("x",), epochs=3, steps_per_epoch=7).steps == 21
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -375,7 +385,7 @@ def test_main_writes_a_loadable_model_with_card_and_log(
     for name in ("config.json", "weights.safetensors", "thresholds.json", "README.md"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
-    assert "islet-imaging train --train" in card and str(train) in card
+    assert "islet-imaging train --data" in card and str(train) in card
     assert "validation nuclei ap50" in card
     model = load_model(out)
     assert model.config.base_channels == 4
@@ -395,13 +405,22 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(
         [
-            "train", "--train", "a", "b", "--train-weights", "2", "1", "--val", "c",
-            "--output", str(tmp_path / "m"), "--steps", "10", "--model-config", '{"base_channels": 8}',
+            "train", "--data", "a", "b", "--data-weights", "2", "1", "--val", "c",
+            "--out", str(tmp_path / "m"), "--epochs", "5", "--steps-per-epoch", "2",
+            "--init", "scratch", "--model-config", '{"base_channels": 8}', "--device", "cpu",
+            "--patience", "3", "--missing-labels", "skip",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
-    assert cfg.train == ("a", "b") and cfg.train_weights == (2.0, 1.0) and cfg.steps == 10
-    assert cfg.model_config == {"base_channels": 8}
+    assert cfg.data == ("a", "b") and cfg.data_weights == (2.0, 1.0) and cfg.steps == 10
+    assert cfg.model_config == {"base_channels": 8} and cfg.init == "scratch"
+    assert (cfg.device, cfg.patience, cfg.missing_labels) == ("cpu", 3, "skip")
+    defaults = config_from_args(build_parser().parse_args(["train", "--data", "a", "--out", "m"]))
+    assert defaults.init == "default" and defaults.val_fraction == 0.2 and not defaults.val
+    with pytest.raises(SystemExit):  # --val and --val-fraction exclude each other
+        build_parser().parse_args(
+            ["train", "--data", "a", "--out", "m", "--val", "b", "--val-fraction", "0.1"]
+        )
     args.model_config = "{not json"
     with pytest.raises(InputError, match="--model-config"):
         config_from_args(args)
@@ -432,3 +451,139 @@ def test_default_model_accuracy_floor() -> None:
     for cls_name, floor in DEFAULT_FLOORS.items():
         ap = match_dataset(pairs[cls_name], thresholds=0.5)[0].ap
         assert ap >= floor, (cls_name, ap)
+
+
+# -- the bad-input cases and run control -------------------------------------------------
+def test_images_without_labels_are_refused_with_their_names_or_skipped(tmp_path: Path) -> None:
+    from islet_imaging.train import scan_data
+
+    root = _write_dataset(tmp_path / "ds", n=2, unlabelled=2)
+    with pytest.raises(InputError, match=r"2 image\(s\) have no labels.*A03_f1, A04_f1.*skip"):
+        scan_data([root])
+    kept = scan_data([root], missing_labels="skip")
+    assert [e.name for _, e in kept] == ["A01_f1", "A02_f1"]
+    none = _write_dataset(tmp_path / "none", n=0, unlabelled=2)
+    with pytest.raises(InputError, match="no image has labels"):
+        scan_data([none], missing_labels="skip")
+
+
+def test_validation_fraction_holds_out_whole_images_by_seed(tmp_path: Path) -> None:
+    from islet_imaging.train import scan_data, split_validation
+
+    root = _write_dataset(tmp_path / "ds", n=5)
+    entries = scan_data([root])
+    train, val = split_validation(entries, 0.4, seed=3)
+    names = lambda es: [e.name for _, e in es]  # noqa: E731
+    assert len(val) == 2 and len(train) == 3
+    assert sorted(names(train) + names(val)) == names(entries)  # a partition
+    assert names(split_validation(entries, 0.4, seed=3)[1]) == names(val)  # reproducible
+    assert len(split_validation(entries, 0.01, seed=0)[1]) == 1  # at least one image
+    with pytest.raises(InputError, match=r"1 annotated image\(s\): too few.*--val-fraction 0"):
+        split_validation(entries[:1], 0.2)
+
+
+def test_main_with_validation_fraction_writes_the_split(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=3)
+    cfg = _config(tmp_path, root, val_fraction=0.34, epochs=1, tune=False)
+    main(cfg, progress=False)
+    split = json.loads((Path(cfg.run_dir) / "split.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 2
+    with (Path(cfg.run_dir) / "train_log.csv").open() as fh:
+        assert next(csv.DictReader(fh))["val_nuclei_ap50"] != ""
+
+
+def test_early_stopping_after_patience_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import islet_imaging.train as train_mod
+
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at epoch 2, then two worse epochs
+
+    def fake_evaluate(*_a: object, **_k: object) -> dict[str, float]:
+        s = next(scores)
+        return {"nuclei_ap50": s, "clusters_ap50": s, "score": s}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    train = _write_dataset(tmp_path / "train", n=1)
+    val = _write_dataset(tmp_path / "val", n=1)
+    cfg = _config(
+        tmp_path, train, val=(str(val),), epochs=6, steps_per_epoch=1, patience=2, tune=False
+    )
+    main(cfg, progress=False)
+    with (Path(cfg.run_dir) / "train_log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    best = torch.load(Path(cfg.run_dir) / "best.pt", weights_only=True)
+    assert (best["epoch"], best["best_score"]) == (2, 0.7)
+    assert "early stopping, patience 2" in (Path(cfg.out) / "README.md").read_text()
+
+
+def test_fine_tuning_starts_from_the_init_model(tmp_path: Path) -> None:
+    from islet_imaging.models._modeldir import load_model
+    from islet_imaging.train import build_model_config
+
+    root = _write_dataset(tmp_path / "ds", n=1)
+    base = main(_config(tmp_path, root, epochs=1, tune=False), progress=False)
+    cfg = TrainConfig(
+        data=(str(root),), out=str(tmp_path / "ft"), init=str(base), steps_per_epoch=1
+    )
+    mc, weights = build_model_config(cfg)
+    assert mc.base_channels == 4 and mc.depth == 2  # the init model's architecture
+    state = init_state(cfg, mc, weights).model.state_dict()
+    reference = load_model(base, device="cpu").network.state_dict()
+    for k, v in reference.items():
+        assert torch.equal(state[k], v), k
+    ft = main(
+        dataclasses.replace(
+            _config(tmp_path, root, val=(str(root),), epochs=1, tune=False),
+            init=str(base),
+            model_config={},
+            out=str(tmp_path / "lab_model"),
+            run_dir="",
+        ),
+        progress=False,
+    )
+    with (tmp_path / "lab_model.run" / "train_log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 = the init model on validation
+    assert rows[0]["val_nuclei_ap50"] != "" and rows[0]["loss"] == ""
+    assert load_model(ft, device="cpu").config.name == "lab_model"
+    with pytest.raises(InputError, match="--out is the --init model itself"):
+        main(TrainConfig(data=(str(root),), out=str(base), init=str(base)), progress=False)
+
+
+def test_existing_model_directory_is_not_overwritten(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"already exists.*--overwrite"):
+        main(_config(tmp_path, root, epochs=1), progress=False)
+    assert (out / "config.json").read_text() == "{}"  # untouched
+    main(_config(tmp_path, root, epochs=1, tune=False), progress=False, overwrite=True)
+    assert (out / "weights.safetensors").is_file()
+
+
+def test_resume_refuses_another_architecture_or_other_options(tmp_path: Path) -> None:
+    from islet_imaging.train import check_resume_config
+
+    root = _write_dataset(tmp_path / "ds", n=1)
+    cfg = _config(tmp_path, root)
+    state = init_state(cfg, ModelConfig(**TINY))
+    ckpt = save_checkpoint(tmp_path / "last.pt", state, cfg, ModelConfig(**TINY))
+    other = init_state(cfg, ModelConfig(**{**TINY, "base_channels": 8}))
+    with pytest.raises(InputError, match=r"another architecture.*base_channels"):
+        load_checkpoint(ckpt, other)
+    with pytest.raises(InputError, match=r"other options.*lr"):
+        check_resume_config(ckpt, _config(tmp_path, root, lr=0.5))
+    check_resume_config(ckpt, _config(tmp_path, root, threads=2))  # harmless change
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    from islet_imaging.train import training_device
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(InputError, match="no CUDA device"):
+        training_device(TrainConfig(data=("x",), device="cuda"))
+    assert training_device(TrainConfig(data=("x",))) == "cpu"
