@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "segment": "islet_imaging.models._cli",
     "synth": "islet_imaging.synth._cli",
     "train": "islet_imaging.train",
+    "evaluate": "islet_imaging.evaluate",
     "stages": "islet_imaging._stages_cli",
     "info": "islet_imaging.io._cli",
 }
