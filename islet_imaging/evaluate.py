@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from islet_imaging.errors import InputError
+from islet_imaging.metrics import pool_matchings
 
 if TYPE_CHECKING:
     from islet_imaging.io import Field
@@ -145,22 +146,6 @@ Examples:
 # -- scores ---------------------------------------------------------------------------------------
 def _key(threshold: float) -> str:
     return f"{threshold:g}"
-
-
-def _pool(matchings: Sequence[Matching]) -> Matching:
-    """Sum the counts of results at one threshold (from several images) into one."""
-    from islet_imaging.metrics import Matching
-
-    first = matchings[0]
-    return Matching(
-        threshold=first.threshold,
-        criterion=first.criterion,
-        n_true=sum(m.n_true for m in matchings),
-        n_pred=sum(m.n_pred for m in matchings),
-        tp=sum(m.tp for m in matchings),
-        sum_matched_score=float(sum(m.sum_matched_score for m in matchings)),
-        n_images=sum(m.n_images for m in matchings),
-    )
 
 
 def score_matchings(matchings: Sequence[Matching]) -> dict[str, Any]:
@@ -376,7 +361,9 @@ class Evaluation:
         rows = [s for s in self.per_image if s.model == model and s.kind == kind]
         if not rows:
             return None
-        return tuple(_pool([s.matchings[k] for s in rows]) for k in range(len(self.thresholds)))
+        return tuple(
+            pool_matchings([s.matchings[k] for s in rows]) for k in range(len(self.thresholds))
+        )
 
     def pooled(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{model: {kind: metrics}}`` pooled over the images (see the module docstring)."""
@@ -598,7 +585,7 @@ def _segment(
 
 def _strip(matchings: Sequence[Matching]) -> tuple[Matching, ...]:
     """Counts only (drop the matched id arrays) to keep large evaluations small."""
-    return tuple(_pool([m]) for m in matchings)
+    return tuple(pool_matchings([m]) for m in matchings)
 
 
 def evaluate_dataset(

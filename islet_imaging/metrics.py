@@ -53,6 +53,7 @@ __all__ = [
     "matching_table",
     "measurement_errors",
     "percentage_point_error",
+    "pool_matchings",
     "relative_error",
 ]
 
@@ -456,7 +457,8 @@ def match(
     return _match_overlap(_overlap(truth, pred), ths, criterion)
 
 
-def _pool(results: Sequence[Matching]) -> Matching:
+def pool_matchings(results: Sequence[Matching]) -> Matching:
+    """Results at one threshold (e.g. of several images) summed into one: pooled counts."""
     first = results[0]
     return Matching(
         threshold=first.threshold,
@@ -501,7 +503,7 @@ def match_dataset(
         return per_image
     if not per_image:
         raise InputError("no image pairs to match; give at least one (truth, pred) pair")
-    return [_pool([img[k] for img in per_image]) for k in range(len(ths))]
+    return [pool_matchings([img[k] for img in per_image]) for k in range(len(ths))]
 
 
 def matching_table(

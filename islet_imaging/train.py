@@ -1017,14 +1017,14 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
     except Exception as exc:  # corrupt or foreign file
         raise InputError(f"cannot read checkpoint: {exc}", path) from exc
     current = json.loads(json.dumps(state.model.config.to_dict()))
-    differ = sorted(k for k in ARCHITECTURE_KEYS if k in stored and stored.get(k) != current.get(k))
-    if differ:
-        raise InputError(
-            "the checkpoint is of another architecture ("
-            + ", ".join(f"{k}: {stored.get(k)!r} here {current.get(k)!r}" for k in differ)
-            + "); resume with the options (--init, --model-config) of the run that wrote it",
-            path,
-        )
+    _refuse_differences(
+        stored,
+        current,
+        ARCHITECTURE_KEYS,
+        "the checkpoint is of another architecture",
+        "resume with the options (--init, --model-config) of the run that wrote it",
+        path,
+    )
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
@@ -1279,15 +1279,30 @@ def check_resume_config(path: str | Path, config: TrainConfig) -> None:
         Listing the options that differ (only those in :data:`RESUMABLE_CHANGES` may).
     """
     stored, _ = checkpoint_configs(path)
-    a, b = stored.to_dict(), config.to_dict()
-    differ = sorted(k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k))
+    a = stored.to_dict()
+    _refuse_differences(
+        a,
+        config.to_dict(),
+        [k for k in a if k not in RESUMABLE_CHANGES],
+        "the checkpoint was written by a run with other options",
+        "resume with the same options",
+        path,
+    )
+
+
+def _refuse_differences(
+    stored: dict[str, Any],
+    current: dict[str, Any],
+    keys: Sequence[str],
+    what: str,
+    todo: str,
+    path: str | Path,
+) -> None:
+    """InputError listing the ``keys`` whose values differ between a checkpoint and this run."""
+    differ = sorted(k for k in keys if k in stored and stored[k] != current.get(k))
     if differ:
-        raise InputError(
-            "the checkpoint was written by a run with other options ("
-            + "; ".join(f"{k}: {a[k]!r} there, {b.get(k)!r} now" for k in differ)
-            + "); resume with the same options",
-            path,
-        )
+        listed = "; ".join(f"{k}: {stored[k]!r} there, {current.get(k)!r} now" for k in differ)
+        raise InputError(f"{what} ({listed}); {todo}", path)
 
 
 def _fmt(v: Any) -> str:
