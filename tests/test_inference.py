@@ -388,5 +388,36 @@ def test_cluster_split_follows_the_stage() -> None:
     from islet_imaging.models.inference import cluster_split_for
 
     assert cluster_split_for(get_stage("S1"), ORACLE) == "none"  # monolayer patches
-    assert cluster_split_for(get_stage("S6"), ORACLE) == ORACLE.cluster_split == "shape"
+    assert cluster_split_for(get_stage("S6"), ORACLE) == ORACLE.cluster_split == "combined"
     assert cluster_split_for(S6, ORACLE.replace(cluster_split="distance")) == "distance"
+
+
+@pytest.mark.parametrize(
+    ("pixel_size", "nucleus_diameter", "cap_um"),
+    [(0.5, None, 12.0 * 0.5), (0.25, None, 12.0 * 0.5), (0.5, 20.0, 12.0 * 0.5 * 2.0)],
+)
+def test_combined_split_gets_the_distance_cap_in_um(
+    monkeypatch: pytest.MonkeyPatch,
+    pixel_size: float,
+    nucleus_diameter: float | None,
+    cap_um: float,
+) -> None:
+    """The cluster distance map is capped at ``distance_cap_px`` model pixels: in µm of the field
+    that is the cap × the model's pixel size, scaled when the user says nuclei are larger."""
+    import islet_imaging.models.inference as inference
+
+    seen: dict[str, object] = {}
+    real = inference.maps_to_instances
+
+    def spy(maps: dict[str, np.ndarray], **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        seen.update(kw)
+        return real(maps, **kw)
+
+    monkeypatch.setattr(inference, "maps_to_instances", spy)
+    cfg = ORACLE.replace(cluster_split="combined")
+    model = Model.from_network(oracle_network(), cfg, device="cpu")
+    fld, _ = field_2d(pixel_size)
+    segment_cnn(fld, S6, model=model, nucleus_diameter_um=nucleus_diameter)
+    assert cfg.distance_cap_px["clusters"] == 12.0
+    assert seen["cluster_split"] == "combined"
+    assert seen["cluster_distance_cap_um"] == pytest.approx(cap_um)

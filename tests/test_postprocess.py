@@ -292,3 +292,115 @@ def test_shape_split_of_touching_round_clusters() -> None:
     assert match(truth, clu, thresholds=0.9)[0].ap == 1.0
     with pytest.raises(InputError, match="cluster_split"):
         maps_to_instances({"nuclei_foreground": np.zeros((4, 4))}, cluster_split="watershed")
+
+
+# -- combined split: saddles of the shape or of the predicted distance -------------------------
+def cluster_maps(truth: np.ndarray, cap_px: float) -> dict[str, np.ndarray]:
+    """Perfect cluster maps of ``truth`` (capped distance, as the default model is trained)."""
+    t = make_targets(truth, truth, distance_cap_px={"nuclei": None, "clusters": cap_px})
+    return {
+        "nuclei_foreground": np.zeros(truth.shape, np.float32),
+        "clusters_foreground": t["clusters_foreground"],
+        "clusters_distance": t["clusters_distance"],
+    }
+
+
+def combined(maps: dict[str, np.ndarray], spacing: tuple[float, ...], cap_um: float | None):
+    return maps_to_instances(
+        maps,
+        spacing=spacing,
+        cluster_diameter_um=(25.0, None),
+        cluster_split="combined",
+        cluster_distance_cap_um=cap_um,
+    )[1]
+
+
+@pytest.mark.parametrize("px", [0.5, 0.8])
+def test_combined_split_two_touching_discs_of_different_size(px: float) -> None:
+    """Discs of r = 24 and 15 µm, centres 33 µm apart (fused over a wide contact): exactly two
+    clusters, whatever the pixel size; an ellipse of the same extent is one."""
+    shape = (int(70 / px), int(110 / px))
+    truth = blobs(shape, [(35.0, 35.0), (35.0, 68.0)], [24.0, 15.0], (px, px))
+    assert truth.max() == 2
+    cap_px = 26.0 / px  # the default model's 40 px × 0.65 µm
+    clu = combined(cluster_maps(truth, cap_px), (px, px), 26.0)
+    assert clu.max() == 2
+    assert match(truth, clu, thresholds=0.9)[0].ap == 1.0
+    yy, xx = np.mgrid[: shape[0], : shape[1]] * px
+    ellipse = (((yy - 35) / 22) ** 2 + ((xx - 52) / 42) ** 2 < 1).astype(np.int32)
+    assert combined(cluster_maps(ellipse, cap_px), (px, px), 26.0).max() == 1
+
+
+def test_combined_split_keeps_a_lobed_cluster_whole() -> None:
+    """A round cluster with two overlapping lobes (as synthetic aggregates have) is one."""
+    px = 0.65
+    yy, xx = np.mgrid[:160, :180] * px
+    body = (yy - 52) ** 2 + (xx - 55) ** 2 < 30**2
+    lobe1 = (yy - 52) ** 2 + (xx - 80) ** 2 < 14**2  # centre 0.83 r out, radius 0.47 r
+    lobe2 = (yy - 30) ** 2 + (xx - 45) ** 2 < 12**2
+    truth = (body | lobe1 | lobe2).astype(np.int32)
+    clu = combined(cluster_maps(truth, 40.0), (px, px), 26.0)
+    assert clu.max() == 1
+    assert match(truth, clu, thresholds=0.95)[0].ap == 1.0
+
+
+def test_combined_split_sees_contacts_without_a_neck() -> None:
+    """Two squares side by side make a rectangle: no neck, one object by shape; the predicted
+    distance has a valley along the contact, so the combined split finds both."""
+    px = 1.0
+    truth = np.zeros((60, 120), np.int32)
+    truth[5:55, 5:60] = 1
+    truth[5:55, 60:115] = 2
+    maps = cluster_maps(truth, 26.0)
+    clu = combined(maps, (px, px), 26.0)
+    assert clu.max() == 2
+    assert match(truth, clu, thresholds=0.9)[0].ap == 1.0
+    # without the distance map (or its scale) only the shape counts: one rectangle
+    assert combined(maps, (px, px), None).max() == 1
+    no_distance = {k: v for k, v in maps.items() if k != "clusters_distance"}
+    assert combined(no_distance, (px, px), 26.0).max() == 1
+    # a saddle-depth threshold above every contact merges them again
+    _, clu = maps_to_instances(
+        maps,
+        thresholds=Thresholds(clusters_saddle=1.0),
+        spacing=(px, px),
+        cluster_diameter_um=(25.0, None),
+        cluster_split="combined",
+        cluster_distance_cap_um=26.0,
+    )
+    assert clu.max() == 1
+
+
+def test_combined_split_in_3d_anisotropic() -> None:
+    spacing = (2.0, 0.8, 0.8)
+    truth = blobs((12, 70, 110), [(10.0, 28.0, 28.0), (10.0, 28.0, 62.0)], [20.0, 18.0], spacing)
+    assert truth.max() == 2
+    clu = combined(cluster_maps(truth, 26.0 / 0.8), spacing, 26.0)
+    assert clu.shape == truth.shape and clu.max() == 2
+    assert match(truth, clu, thresholds=0.8)[0].ap == 1.0
+
+
+def test_merge_shallow_saddles_by_relative_depth_and_size() -> None:
+    """Regions 1-2 meet at a shallow saddle (peaks 10 and 9, saddle 8: depth 0.11) and merge;
+    2-3 at a deep one (9 and 4 over 1: depth 0.75) and stay apart; region 4 (3 px) is smaller
+    than ``min_region`` and joins its neighbour however deep its saddle."""
+    from islet_imaging.models._postprocess import _merge_shallow_saddles
+
+    ws = np.array([[1] * 5 + [2] * 5 + [3] * 5 + [4] * 3])
+    depth = np.array([[6, 8, 10, 9, 8, 8, 9, 9, 8, 1, 1, 3, 4, 3, 2, 0.5, 1, 0.5]], float)
+    out = _merge_shallow_saddles(ws, depth, min_depth=0.2, min_region=4, floor=1e-3)
+    assert out[0, 0] == out[0, 5] and out[0, 5] != out[0, 10] and out[0, 10] == out[0, 15]
+    assert len(np.unique(out)) == 2
+    # all kept apart when nothing counts as shallow and no region is small
+    out = _merge_shallow_saddles(ws, depth, min_depth=0.0, min_region=0, floor=1e-3)
+    assert len(np.unique(out)) == 4
+
+
+def test_combined_split_bad_cap() -> None:
+    from islet_imaging.models._postprocess import combined_split_instances
+
+    fg = np.ones((20, 20), np.float32)
+    with pytest.raises(InputError, match="distance_cap_um"):
+        combined_split_instances(fg, fg, distance_cap_um=None)
+    with pytest.raises(InputError, match="distance_cap_um"):
+        combined_split_instances(fg, fg, distance_cap_um=-1.0)

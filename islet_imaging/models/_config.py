@@ -66,6 +66,12 @@ class Thresholds:
     clusters_shape_h : float
         With ``cluster_split="shape"``: depth of the saddle between two touching clusters, as a
         fraction of the smallest cluster's radius (see :func:`maps_to_instances`).
+    clusters_saddle : float
+        With ``cluster_split="combined"``: relative depth ``(lower peak − saddle) / lower peak``
+        of the saddle between two touching clusters in the depth map made of the foreground's
+        shape and the predicted distance (see :func:`combined_split_instances
+        <islet_imaging.models._postprocess.combined_split_instances>`); shallower saddles are
+        bumps of one cluster.
     nuclei_merge, clusters_merge : float
         Neighbouring objects are merged again when the mean predicted distance along their shared
         boundary exceeds this level (the boundary is a neck inside one object, not a contact
@@ -81,6 +87,7 @@ class Thresholds:
     clusters_min_seed_fraction: float = 0.05
     clusters_merge: float = 0.2
     clusters_shape_h: float = 0.3
+    clusters_saddle: float = 0.2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -166,10 +173,10 @@ class ModelConfig:
         from a nucleus diameter in pixels.
     thresholds : Thresholds
         Default post-processing thresholds (a model directory's ``thresholds.json`` wins).
-    cluster_split : {"distance", "shape"}
+    cluster_split : {"distance", "shape", "combined"}
         How inference splits touching clusters of colony and aggregate stages: from the predicted
-        cluster distance map, or by the shape of the predicted cluster foreground (monolayer
-        patches are never split). See :func:`~islet_imaging.models._postprocess.maps_to_instances`.
+        cluster distance map, by the shape of the predicted cluster foreground, or at saddles of
+        either (monolayer patches are never split). See :func:`~islet_imaging.models._postprocess.maps_to_instances`.
     description : str
     """
 
@@ -193,7 +200,7 @@ class ModelConfig:
     pixel_size_um: float = 0.65
     typical_nucleus_diameter_um: float = 10.0
     thresholds: Thresholds = field(default_factory=Thresholds)
-    cluster_split: str = "shape"
+    cluster_split: str = "combined"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -277,9 +284,10 @@ class ModelConfig:
             ):
                 raise ModelError(f"config: {key}={value!r} must be a positive number")
             object.__setattr__(self, key, float(value))
-        if self.cluster_split not in ("distance", "shape"):
+        if self.cluster_split not in ("distance", "shape", "combined"):
             raise ModelError(
-                f"config: cluster_split={self.cluster_split!r} is not 'distance' or 'shape'"
+                f"config: cluster_split={self.cluster_split!r} is not 'distance', 'shape' or "
+                "'combined'"
             )
         if isinstance(self.thresholds, Mapping):
             object.__setattr__(

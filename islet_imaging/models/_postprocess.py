@@ -18,12 +18,18 @@ The inverse of :func:`islet_imaging.models._targets.make_targets`. For each clas
 5. nucleus → cluster consistency: a nucleus lying mostly inside a cluster is made part of it
    (the cluster grows to cover the whole nucleus); nuclei outside clusters stay single cells.
 
+Clusters of colonies and aggregates can instead be split by their shape
+(:func:`shape_split_instances`) or at the saddles of a depth map made of the shape and the
+predicted distance together (:func:`combined_split_instances`, what the default model uses);
+monolayer patches are connected components (see ``cluster_split`` of :func:`maps_to_instances`).
+
 Only bounding boxes of components with several seeds are watershed, so memory stays small on
 large images.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 
@@ -37,6 +43,7 @@ from islet_imaging.models._config import Thresholds
 __all__ = [
     "CLUSTER_SPLITS",
     "border_labels",
+    "combined_split_instances",
     "instances_from_maps",
     "maps_to_instances",
     "object_size_range",
@@ -44,7 +51,9 @@ __all__ = [
 ]
 
 #: Ways to split touching clusters (see :func:`maps_to_instances`).
-CLUSTER_SPLITS: tuple[str, ...] = ("distance", "shape", "none")
+CLUSTER_SPLITS: tuple[str, ...] = ("distance", "shape", "combined", "none")
+#: Predicted (capped) distances at or above this level count as saturated: no depth information.
+SATURATED = 0.98
 
 
 def object_size_range(
@@ -236,6 +245,203 @@ def shape_split_instances(
         next_label += ws_ids.size
         region[mask] = new[ws_inv.ravel()]
     return _finish(labels, min_size, max_size)
+
+
+def combined_split_instances(
+    foreground: np.ndarray,
+    distance: np.ndarray | None,
+    *,
+    foreground_threshold: float = 0.5,
+    spacing: Sequence[float] | None = None,
+    distance_cap_um: float | None = None,
+    min_saddle_depth: float = 0.2,
+    min_size: float = 0.0,
+    max_size: float = math.inf,
+) -> np.ndarray:
+    """Instances split where the foreground's shape or the predicted distance has a deep saddle.
+
+    Each foreground component (holes filled: a gap inside an aggregate is part of it) gets a
+    depth map in µm: the smaller of its Euclidean distance transform (the shape: a neck between
+    two round objects is a saddle) and the predicted distance to the nearest boundary,
+    ``distance × distance_cap_um`` (the network's view: a contact between two touching objects
+    is a valley even where the outline has no neck). Where the predicted distance is saturated
+    (``≥`` :data:`SATURATED`, deeper than the cap) only the shape counts. The depth map is
+    flooded from all its regional maxima (one pixel deep), and neighbouring regions are merged
+    again, shallowest saddle first, while the saddle's relative depth
+    ``(lower peak − saddle) / lower peak`` is below ``min_saddle_depth``: one object's bumps
+    are merged, two objects joined by a neck or a predicted contact stay apart. The criterion
+    is relative, so it does not depend on the objects' size or the pixel size. Regions smaller
+    than half of ``min_size`` are always merged into their neighbour.
+
+    Parameters
+    ----------
+    foreground : (Y, X) or (Z, Y, X) ndarray of float
+        Foreground probability.
+    distance : ndarray of float or None
+        Predicted distance map in 0..1 (``min(d, cap) / cap``), same shape; ``None``: the shape
+        alone.
+    foreground_threshold : float
+    spacing : sequence of float, optional
+        µm per pixel per axis (default 1).
+    distance_cap_um : float, optional
+        The distance cap of ``distance`` in µm (the model's ``distance_cap_px`` × its pixel
+        size); required with ``distance``.
+    min_saddle_depth : float
+        Relative depth (0..1) of a saddle that separates two objects.
+    min_size, max_size : float
+        Size filter in pixels (voxels).
+
+    Returns
+    -------
+    ndarray of int32
+        Labels 1..N, consecutive.
+    """
+    from skimage.morphology import h_maxima
+
+    fg = np.ascontiguousarray(foreground > foreground_threshold)
+    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * fg.ndim))
+    if distance is not None and not (
+        distance_cap_um is not None and math.isfinite(distance_cap_um) and distance_cap_um > 0
+    ):
+        raise InputError(
+            f"distance_cap_um must be a positive number with a distance map, got {distance_cap_um!r}"
+        )
+    structure = ndi.generate_binary_structure(fg.ndim, 1)
+    labels, n_comps = ndi.label(fg, structure=structure)
+    del fg
+    if n_comps == 0:
+        return labels.astype(np.int32, copy=False)
+    step = min(spacing)  # one pixel of depth: flatter maxima are quantisation noise
+    next_label = n_comps + 1
+    for comp, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = labels[sl]
+        mask = region == comp
+        # holes (gaps inside an aggregate) belong to it and must not make saddles
+        filled = _fill_holes(mask) & (region == 0)
+        region[filled] = comp
+        mask |= filled
+        depth = ndi.distance_transform_edt(mask, sampling=spacing).astype(np.float32)
+        if distance is not None:
+            assert distance_cap_um is not None
+            pred = np.asarray(distance[sl], dtype=np.float32)
+            seen = mask & (pred < SATURATED)
+            depth[seen] = np.minimum(depth[seen], pred[seen] * np.float32(distance_cap_um))
+        peaks = h_maxima(depth, step) > 0
+        markers, n_markers = ndi.label(peaks & mask, structure=structure)
+        if n_markers < 2:
+            continue
+        ws = watershed(-depth, markers=markers, mask=mask)
+        ws = _merge_shallow_saddles(
+            ws, depth, min_depth=min_saddle_depth, min_region=0.5 * min_size, floor=2.0 * step
+        )
+        ws_ids, ws_inv = np.unique(ws[mask], return_inverse=True)
+        new = np.where(ws_ids == 0, comp, next_label + np.arange(ws_ids.size))
+        next_label += ws_ids.size
+        region[mask] = new[ws_inv.ravel()]
+    return _finish(labels, min_size, max_size)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Holes of a 2D mask, or of each plane of a 3D one, filled."""
+    if mask.ndim == 3:
+        return np.stack([ndi.binary_fill_holes(p) for p in mask])
+    return ndi.binary_fill_holes(mask)
+
+
+def _merge_shallow_saddles(
+    ws: np.ndarray,
+    depth: np.ndarray,
+    *,
+    min_depth: float,
+    min_region: float,
+    floor: float,
+) -> np.ndarray:
+    """Merge neighbouring regions of a watershed of ``-depth`` across shallow saddles.
+
+    A region adjacency graph: each region's peak (its maximum depth) and size, each pair's
+    saddle (the highest boundary point, the lower of the two pixels' depths). Pairs are merged
+    in the order of their relative saddle depth ``(lower peak − saddle) / max(lower peak,
+    floor)`` while it is below ``min_depth``, updating peaks and saddles after each merge (a
+    merged region's peak is the higher of the two; its saddle with a third region the higher of
+    the two). Pairs with a region smaller than ``min_region`` pixels go first, whatever their
+    depth.
+
+    Parameters
+    ----------
+    ws : ndarray of int
+        Regions 1..n (0 = outside), one connected component.
+    depth : ndarray of float
+        Same shape.
+    min_depth, min_region, floor : float
+
+    Returns
+    -------
+    ndarray of int
+        Merged regions (0 stays 0), not consecutive.
+    """
+    n = int(ws.max())
+    if n < 2:
+        return ws
+    a_all, b_all, v_all = [], [], []
+    for ax in range(ws.ndim):
+        lo = [slice(None)] * ws.ndim
+        hi = [slice(None)] * ws.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        a, b = ws[tuple(lo)], ws[tuple(hi)]
+        edge = (a != b) & (a > 0) & (b > 0)
+        if edge.any():
+            a_all.append(a[edge])
+            b_all.append(b[edge])
+            v_all.append(np.minimum(depth[tuple(lo)][edge], depth[tuple(hi)][edge]))
+    if not a_all:
+        return ws
+    a = np.concatenate(a_all).astype(np.int64)
+    b = np.concatenate(b_all).astype(np.int64)
+    v = np.concatenate(v_all).astype(np.float64)
+    key = np.minimum(a, b) * (n + 1) + np.maximum(a, b)
+    keys, inv = np.unique(key, return_inverse=True)
+    saddles = np.full(keys.size, -np.inf)
+    np.maximum.at(saddles, inv.ravel(), v)
+    index = np.arange(n + 1)
+    peak = np.asarray(ndi.maximum(depth, ws, index=index), dtype=np.float64)
+    size = np.bincount(ws.reshape(-1), minlength=n + 1).astype(np.float64)
+    nbr: dict[int, dict[int, float]] = {i: {} for i in range(1, n + 1)}
+    for k, s in zip(keys.tolist(), saddles.tolist(), strict=True):
+        i, j = divmod(k, n + 1)
+        nbr[i][j] = s
+        nbr[j][i] = s
+
+    def cost(i: int, j: int) -> float:
+        low = min(peak[i], peak[j])
+        c = (low - nbr[i][j]) / max(low, floor)
+        return c - 2.0 if min(size[i], size[j]) < min_region else c
+
+    heap = [(cost(i, j), i, j) for i in nbr for j in nbr[i] if i < j]
+    heapq.heapify(heap)
+    parent = np.arange(n + 1)
+    while heap:
+        c, i, j = heapq.heappop(heap)
+        if parent[i] != i or parent[j] != j or j not in nbr[i] or cost(i, j) != c:
+            continue  # stale entry: a region was merged or its saddle changed
+        if c >= min_depth:
+            break
+        parent[j] = i  # j joins i
+        peak[i] = max(peak[i], peak[j])
+        size[i] += size[j]
+        for k, s in nbr.pop(j).items():
+            del nbr[k][j]
+            if k != i:
+                nbr[i][k] = nbr[k][i] = max(s, nbr[i].get(k, -math.inf))
+        for k in nbr[i]:
+            heapq.heappush(heap, (cost(i, k), min(i, k), max(i, k)))
+    for i in range(1, n + 1):  # path compression to roots
+        r = i
+        while parent[r] != r:
+            r = parent[r]
+        parent[i] = r
+    return parent[ws]
 
 
 _CHUNK = 1 << 22
@@ -434,6 +640,7 @@ def maps_to_instances(
     nucleus_diameter_um: tuple[float | None, float | None] = (None, None),
     cluster_diameter_um: tuple[float | None, float | None] = (None, None),
     cluster_split: str = "distance",
+    cluster_distance_cap_um: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus and cluster instance labels from the network's maps.
 
@@ -452,13 +659,21 @@ def maps_to_instances(
         ``nucleus_diameter_um``; smaller and larger objects are removed.
     cluster_diameter_um : (min, max)
         Equivalent diameters of clusters, e.g. ``(profile.min_cluster_diameter_um, None)``.
-    cluster_split : {"distance", "shape", "none"}
+    cluster_split : {"distance", "shape", "combined", "none"}
         How touching clusters are split: ``"distance"`` — seeds from the predicted cluster
         distance map (the inverse of the training targets); ``"shape"`` — by the shape of the
         predicted cluster foreground (:func:`shape_split_instances`, saddle depth
-        ``thresholds.clusters_shape_h`` × the smallest cluster's radius); ``"none"`` — connected
-        components (monolayer patches of arbitrary shape). Inference picks it with
+        ``thresholds.clusters_shape_h`` × the smallest cluster's radius); ``"combined"`` — at
+        saddles of the shape or the predicted distance (:func:`combined_split_instances`,
+        relative saddle depth ``thresholds.clusters_saddle``; the shape alone without a
+        ``"clusters_distance"`` map); ``"none"`` — connected components (monolayer patches of
+        arbitrary shape). Inference picks it with
         :func:`islet_imaging.models.inference.cluster_split_for`.
+    cluster_distance_cap_um : float, optional
+        With ``cluster_split="combined"`` and a ``"clusters_distance"`` map: the map's distance
+        cap in µm (the model's ``distance_cap_px["clusters"]`` × the size of its pixels in µm).
+        ``None``: the distance map is not used (a per-object normalised map has no scale in
+        µm), clusters are split by their shape alone.
 
     Returns
     -------
@@ -510,6 +725,20 @@ def maps_to_instances(
             continue
         t = th.for_class(cls_name)
         lo, hi = object_size_range(diameters, spacing)
+        if cls_name == "clusters" and cluster_split == "combined":
+            # without a cap the distance map is per-object normalised, not in µm: shape alone
+            dist = None if cluster_distance_cap_um is None else maps.get("clusters_distance")
+            out[cls_name] = combined_split_instances(
+                np.asarray(fg),
+                None if dist is None else np.asarray(dist),
+                foreground_threshold=t["foreground"],
+                spacing=spacing,
+                distance_cap_um=cluster_distance_cap_um,
+                min_saddle_depth=th.clusters_saddle,
+                min_size=lo,
+                max_size=hi,
+            )
+            continue
         if cls_name == "clusters" and cluster_split in ("shape", "none"):
             radius = 0.5 * (diameters[0] if diameters[0] is not None else 20.0)
             out[cls_name] = shape_split_instances(

@@ -220,9 +220,31 @@ def prepare_input(
 def estimate_nucleus_diameter_px(image: np.ndarray) -> float:
     """Rough typical nucleus diameter (pixels) of a nuclear-stain plane or stack.
 
-    The scale of the strongest scale-normalised Laplacian-of-Gaussian response (blob detector):
-    a disk of diameter ``d`` responds most at ``sigma = d / (2 √2)``. Good to about ±25 % on
-    images of well-stained nuclei; give the pixel size for exact results.
+    The smaller of two image-only estimates: the median equivalent diameter of the Otsu
+    objects (:func:`~islet_imaging.models.classical.estimate_nucleus_diameter`) and the scale of
+    the strongest scale-normalised Laplacian-of-Gaussian response (:func:`_blob_diameter_px`).
+    Both fail by overestimating (touching nuclei merged into one Otsu object; large-scale
+    structure outshining small nuclei in the LoG), so the smaller is kept. On the DSB 2018
+    ``train`` / ``val`` images it is within 25 % of the median true diameter for 89 % / 93 % of
+    images (LoG alone: 77 % / 81 %, with misses up to 20×), and on synthetic fields of every
+    stage for 94 %. The middle plane of a stack is used. Give the pixel size for exact results.
+    """
+    from islet_imaging.models.classical import estimate_nucleus_diameter
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:
+        img = img[img.shape[0] // 2]
+    blob = _blob_diameter_px(img)
+    objects = estimate_nucleus_diameter(img)
+    return blob if objects is None else min(blob, float(objects))
+
+
+def _blob_diameter_px(image: np.ndarray) -> float:
+    """Nucleus diameter (pixels) from the strongest scale-normalised LoG response.
+
+    A disk of diameter ``d`` responds most at ``sigma = d / (2 √2)`` (blob detector); the
+    99.5th percentile of the response is compared over scales. ``image``: (Y, X) or (Z, Y, X)
+    (middle plane).
     """
     from scipy import ndimage as ndi
 
@@ -725,10 +747,13 @@ def segment_cnn(
         dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
     )
     lo_d, hi_d = profile.nucleus_diameter_um
+    model_px_um = cfg.pixel_size_um  # µm per model-scale pixel, in the field's µm
     if nucleus_diameter_um is not None and field.pixel_size is not None:
         # the user says nuclei here are this big: shift the plausible range with them
         f = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
         lo_d, hi_d = lo_d * f, hi_d * f
+        model_px_um *= f
+    cap_px = cfg.distance_cap_px.get("clusters")
     th = mdl.thresholds if thresholds is None else thresholds
     is_3d = field.is_3d
     view = maps if is_3d else {k: v[0] for k, v in maps.items()}
@@ -739,6 +764,7 @@ def segment_cnn(
         nucleus_diameter_um=(lo_d, hi_d),
         cluster_diameter_um=(profile.min_cluster_diameter_um, None),
         cluster_split=cluster_split_for(profile, cfg),
+        cluster_distance_cap_um=None if cap_px is None else cap_px * model_px_um,
     )
     if not is_3d:
         nuclei, clusters = nuclei[np.newaxis], clusters[np.newaxis]
