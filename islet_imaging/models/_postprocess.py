@@ -384,22 +384,10 @@ def _merge_shallow_saddles(
     n = int(ws.max())
     if n < 2:
         return ws
-    a_all, b_all, v_all = [], [], []
-    for ax in range(ws.ndim):
-        lo = [slice(None)] * ws.ndim
-        hi = [slice(None)] * ws.ndim
-        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
-        a, b = ws[tuple(lo)], ws[tuple(hi)]
-        edge = (a != b) & (a > 0) & (b > 0)
-        if edge.any():
-            a_all.append(a[edge])
-            b_all.append(b[edge])
-            v_all.append(np.minimum(depth[tuple(lo)][edge], depth[tuple(hi)][edge]))
-    if not a_all:
+    pairs = _boundary_pairs(ws, depth)
+    if pairs is None:
         return ws
-    a = np.concatenate(a_all).astype(np.int64)
-    b = np.concatenate(b_all).astype(np.int64)
-    v = np.concatenate(v_all).astype(np.float64)
+    a, b, v = pairs
     key = np.minimum(a, b) * (n + 1) + np.maximum(a, b)
     keys, inv = np.unique(key, return_inverse=True)
     saddles = np.full(keys.size, -np.inf)
@@ -547,6 +535,34 @@ def _count(flat: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
+def _boundary_pairs(
+    ws: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Face-adjacent pixel pairs of two different regions: their labels and the lower value.
+
+    Returns ``(a, b, v)`` (int64, int64, float64 arrays, one entry per pair along every axis) or
+    ``None`` when no two regions touch.
+    """
+    a_all, b_all, v_all = [], [], []
+    for ax in range(ws.ndim):
+        lo = [slice(None)] * ws.ndim
+        hi = [slice(None)] * ws.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        a, b = ws[tuple(lo)], ws[tuple(hi)]
+        edge = (a != b) & (a > 0) & (b > 0)
+        if edge.any():
+            a_all.append(a[edge])
+            b_all.append(b[edge])
+            v_all.append(np.minimum(values[tuple(lo)][edge], values[tuple(hi)][edge]))
+    if not a_all:
+        return None
+    return (
+        np.concatenate(a_all).astype(np.int64),
+        np.concatenate(b_all).astype(np.int64),
+        np.concatenate(v_all).astype(np.float64),
+    )
+
+
 def _merge_weak_boundaries(ws: np.ndarray, distance: np.ndarray, level: float) -> np.ndarray:
     """Merge neighbouring regions of ``ws`` whose shared boundary is not a valley of ``distance``.
 
@@ -559,22 +575,10 @@ def _merge_weak_boundaries(ws: np.ndarray, distance: np.ndarray, level: float) -
     n = int(ws.max())
     if n < 2:
         return ws
-    a_all, b_all, v_all = [], [], []
-    for ax in range(ws.ndim):
-        lo = [slice(None)] * ws.ndim
-        hi = [slice(None)] * ws.ndim
-        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
-        a, b = ws[tuple(lo)], ws[tuple(hi)]
-        edge = (a != b) & (a > 0) & (b > 0)
-        if edge.any():
-            a_all.append(a[edge])
-            b_all.append(b[edge])
-            v_all.append(np.minimum(distance[tuple(lo)][edge], distance[tuple(hi)][edge]))
-    if not a_all:
+    pairs = _boundary_pairs(ws, distance)
+    if pairs is None:
         return ws
-    a = np.concatenate(a_all).astype(np.int64)
-    b = np.concatenate(b_all).astype(np.int64)
-    v = np.concatenate(v_all).astype(np.float64)
+    a, b, v = pairs
     lo_id, hi_id = np.minimum(a, b), np.maximum(a, b)
     key = lo_id * (n + 1) + hi_id
     keys, inv = np.unique(key, return_inverse=True)
