@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -216,35 +216,21 @@ def shape_split_instances(
     ndarray of int32
         Labels 1..N, consecutive.
     """
-    from skimage.morphology import h_maxima
-
-    fg = np.ascontiguousarray(foreground > foreground_threshold)
-    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * fg.ndim))
-    structure = ndi.generate_binary_structure(fg.ndim, 1)
-    labels, n_comps = ndi.label(fg, structure=structure)
-    del fg
-    if n_comps == 0:
-        return labels.astype(np.int32, copy=False)
+    ndim = np.ndim(foreground)
+    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * ndim))
     sigma = [smooth_um / v for v in spacing]
-    next_label = n_comps + 1
-    for comp, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        region = labels[sl]
-        mask = region == comp
+
+    def split(
+        region: np.ndarray, mask: np.ndarray, sl: tuple[slice, ...], comp: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         if np.count_nonzero(mask) < 2 * max(min_size, 1.0):
-            continue  # cannot hold two objects of the allowed size
+            return None  # cannot hold two objects of the allowed size
         edt = ndi.gaussian_filter(ndi.distance_transform_edt(mask, sampling=spacing), sigma)
-        peaks = h_maxima(edt, h_um) > 0
-        markers, n_markers = ndi.label(peaks & mask, structure=structure)
-        if n_markers < 2:
-            continue
-        ws = watershed(-edt, markers=markers, mask=mask)
-        ws_ids, ws_inv = np.unique(ws[mask], return_inverse=True)
-        new = np.where(ws_ids == 0, comp, next_label + np.arange(ws_ids.size))
-        next_label += ws_ids.size
-        region[mask] = new[ws_inv.ravel()]
-    return _finish(labels, min_size, max_size)
+        ws = _watershed_from_maxima(edt, mask, h_um)
+        return None if ws is None else (ws, mask)
+
+    fg = foreground > foreground_threshold
+    return _split_components(fg, split, min_size=min_size, max_size=max_size)
 
 
 def combined_split_instances(
@@ -296,46 +282,84 @@ def combined_split_instances(
     ndarray of int32
         Labels 1..N, consecutive.
     """
-    from skimage.morphology import h_maxima
-
-    fg = np.ascontiguousarray(foreground > foreground_threshold)
-    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * fg.ndim))
+    ndim = np.ndim(foreground)
+    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * ndim))
     if distance is not None and not (
         distance_cap_um is not None and math.isfinite(distance_cap_um) and distance_cap_um > 0
     ):
         raise InputError(
             f"distance_cap_um must be a positive number with a distance map, got {distance_cap_um!r}"
         )
-    structure = ndi.generate_binary_structure(fg.ndim, 1)
-    labels, n_comps = ndi.label(fg, structure=structure)
-    del fg
-    if n_comps == 0:
-        return labels.astype(np.int32, copy=False)
     step = min(spacing)  # one pixel of depth: flatter maxima are quantisation noise
-    next_label = n_comps + 1
-    for comp, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        region = labels[sl]
-        mask = region == comp
+
+    def split(
+        region: np.ndarray, mask: np.ndarray, sl: tuple[slice, ...], comp: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         # holes (gaps inside an aggregate) belong to it and must not make saddles
         filled = _fill_holes(mask) & (region == 0)
         region[filled] = comp
-        mask |= filled
+        mask = mask | filled
         depth = ndi.distance_transform_edt(mask, sampling=spacing).astype(np.float32)
         if distance is not None:
             assert distance_cap_um is not None
             pred = np.asarray(distance[sl], dtype=np.float32)
             seen = mask & (pred < SATURATED)
             depth[seen] = np.minimum(depth[seen], pred[seen] * np.float32(distance_cap_um))
-        peaks = h_maxima(depth, step) > 0
-        markers, n_markers = ndi.label(peaks & mask, structure=structure)
-        if n_markers < 2:
-            continue
-        ws = watershed(-depth, markers=markers, mask=mask)
+        ws = _watershed_from_maxima(depth, mask, step)
+        if ws is None:
+            return None
         ws = _merge_shallow_saddles(
             ws, depth, min_depth=min_saddle_depth, min_region=0.5 * min_size, floor=2.0 * step
         )
+        return ws, mask
+
+    fg = foreground > foreground_threshold
+    return _split_components(fg, split, min_size=min_size, max_size=max_size)
+
+
+def _watershed_from_maxima(surface: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray | None:
+    """Watershed of ``-surface`` inside ``mask`` from its h-maxima; ``None`` below two maxima."""
+    from skimage.morphology import h_maxima
+
+    structure = ndi.generate_binary_structure(mask.ndim, 1)
+    markers, n_markers = ndi.label((h_maxima(surface, h) > 0) & mask, structure=structure)
+    if n_markers < 2:
+        return None
+    return watershed(-surface, markers=markers, mask=mask)
+
+
+def _split_components(
+    fg: np.ndarray,
+    split: Callable[
+        [np.ndarray, np.ndarray, tuple[slice, ...], int], tuple[np.ndarray, np.ndarray] | None
+    ],
+    *,
+    min_size: float,
+    max_size: float,
+) -> np.ndarray:
+    """Label the components of ``fg`` and let ``split`` cut each one into regions.
+
+    ``split(region, mask, slice, component)`` gets the component's bounding-box view of the
+    labels, its mask there, the bounding box and the label; it returns ``None``
+    (keep the component whole) or the regions (labels within the returned mask, which may
+    add the component's holes). Regions get new labels; then the size filter
+    (:func:`_finish`) runs.
+    """
+    structure = ndi.generate_binary_structure(fg.ndim, 1)
+    labels, n_comps = ndi.label(np.ascontiguousarray(fg), structure=structure)
+    del fg  # the caller passes a temporary: free it before the per-component work
+    if n_comps == 0:
+        return labels.astype(np.int32, copy=False)
+    next_label = n_comps + 1
+    for comp, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = labels[sl]
+        mask = region == comp
+        result = split(region, mask, sl, comp)
+        if result is None:
+            continue
+        ws, mask = result
         ws_ids, ws_inv = np.unique(ws[mask], return_inverse=True)
         new = np.where(ws_ids == 0, comp, next_label + np.arange(ws_ids.size))
         next_label += ws_ids.size
