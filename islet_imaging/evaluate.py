@@ -768,6 +768,8 @@ def _check_target(path: Path, overwrite: bool, option: str) -> None:
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``evaluate`` options to ``parser``."""
+    from islet_imaging.models._cli import add_device_option, add_image_overrides
+
     inp = parser.add_argument_group("input")
     inp.add_argument(
         "--data",
@@ -780,25 +782,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inp.add_argument(
         "--stage", metavar="S", help="stage of images whose metadata names none (e.g. S6)"
     )
-    inp.add_argument("--stages", type=Path, metavar="TOML", help="extra stage profiles (TOML)")
-    inp.add_argument(
-        "--channel-names",
-        metavar="A,B",
-        help="channel names in file order for every image (overrides metadata.csv and files)",
-    )
-    inp.add_argument(
-        "--pixel-size",
-        type=float,
-        metavar="UM",
-        help="x = y pixel size in µm for every image (overrides metadata.csv and files)",
-    )
-    inp.add_argument(
-        "--nucleus-diameter",
-        type=float,
-        metavar="PX",
-        help="typical nucleus diameter in pixels, for images without a pixel size "
-        "(with a pixel size: in µm)",
-    )
+    add_image_overrides(inp, source="metadata.csv and the files")
     mod = parser.add_argument_group("models")
     mod.add_argument(
         "--model",
@@ -807,11 +791,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default', another shipped model name, a model directory or 'classical'; repeat "
         "to compare models side by side (default: default)",
     )
-    mod.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        help="where CNN models run (default: CUDA when available, else CPU)",
-    )
+    add_device_option(mod)
     met = parser.add_argument_group("metrics")
     met.add_argument(
         "--iou",

@@ -44,6 +44,42 @@ Examples:
 """
 
 
+def add_image_overrides(group: argparse._ArgumentGroup, *, source: str) -> None:
+    """``--stages``, ``--channel-names``, ``--pixel-size``, ``--nucleus-diameter``.
+
+    Shared by the commands that segment images (``segment``, ``evaluate``); ``source`` names
+    what the options override (e.g. ``"the file's"``).
+    """
+    group.add_argument("--stages", type=Path, metavar="TOML", help="extra stage profiles (TOML)")
+    group.add_argument(
+        "--channel-names",
+        metavar="A,B",
+        help=f"channel names in file order, e.g. DAPI,INS (overrides {source})",
+    )
+    group.add_argument(
+        "--pixel-size",
+        type=float,
+        metavar="UM",
+        help=f"x = y pixel size in µm (overrides {source})",
+    )
+    group.add_argument(
+        "--nucleus-diameter",
+        type=float,
+        metavar="PX",
+        help="typical nucleus diameter in pixels, for images without a pixel size "
+        "(with a pixel size: in µm, for unusually large or small nuclei)",
+    )
+
+
+def add_device_option(group: argparse._ArgumentGroup) -> None:
+    """``--device cpu|cuda`` for commands that run a network."""
+    group.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the network runs (default: CUDA when available, else CPU)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``segment`` options to ``parser``."""
     inp = parser.add_argument_group("input")
@@ -55,25 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="differentiation stage (name or alias, e.g. S6); default: from each file's metadata",
     )
-    inp.add_argument("--stages", type=Path, metavar="TOML", help="extra stage profiles (TOML)")
-    inp.add_argument(
-        "--channel-names",
-        metavar="A,B",
-        help="channel names in file order, e.g. DAPI,INS (overrides the file's)",
-    )
-    inp.add_argument(
-        "--pixel-size",
-        type=float,
-        metavar="UM",
-        help="x = y pixel size in µm (overrides the file's)",
-    )
-    inp.add_argument(
-        "--nucleus-diameter",
-        type=float,
-        metavar="PX",
-        help="typical nucleus diameter in pixels, for images without a pixel size "
-        "(with a pixel size: in µm, for unusually large or small nuclei)",
-    )
+    add_image_overrides(inp, source="the file's")
     mod = parser.add_argument_group("model")
     mod.add_argument(
         "--model",
@@ -82,11 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default', another shipped model name, a model directory, or 'classical' for the "
         "scikit-image baseline (default: default)",
     )
-    mod.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        help="where the network runs (default: CUDA when available, else CPU)",
-    )
+    add_device_option(mod)
     mod.add_argument(
         "--tile",
         type=int,
