@@ -648,6 +648,7 @@ def make_layout(
     # 5. cytoplasm territories and final cluster regions ---------------------------------------
     territory, ndist = _territories(labels, blob_labels, cell_cluster_new, radius, look, sp)
     clusters = _final_clusters(blob_labels, territory, cell_cluster_new, 0.6 * nucleus_d, sp)
+    clusters, cell_cluster_new = _split_pieces(clusters, labels, cell_cluster_new, nucleus_d, sp)
     # renumber clusters 1..M and the cells' cluster ids with them
     clusters, cluster_lut = _relabel_with_lut(clusters)
     cell_cluster_new = cluster_lut[cell_cluster_new]
@@ -765,6 +766,65 @@ def _final_clusters(
         filled &= blobs[sl] == cid
         out[sl][filled] = cid
     return out
+
+
+def _split_pieces(
+    clusters: np.ndarray,
+    nuclei: np.ndarray,
+    cell_cluster: np.ndarray,
+    nucleus_d: float,
+    sp: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Give every connected piece of a cluster its own label; each cell follows its nucleus.
+
+    A cluster region can come apart where its cells do not reach across a thin part of its blob
+    (monolayer sheets mostly). Pieces that do not touch are separate objects in the image, so the
+    truth counts them as such (8-/26-connectivity: pieces touching at a corner stay one). A piece
+    other than the largest that is smaller than a few cells (the rule of :func:`_sheet_labels`:
+    (4 nucleus diameters)² in a plane, (2 nucleus diameters)³ in a stack) is not a cluster: it is
+    cleared and its cells count as outside any cluster.
+    """
+    structure = ndi.generate_binary_structure(clusters.ndim, clusters.ndim)
+    flat = clusters.shape[0] == 1
+    min_voxels = (
+        (4 * nucleus_d) ** 2 / float(sp[1] * sp[2])
+        if flat
+        else (2 * nucleus_d) ** 3 / float(np.prod(sp))
+    )
+    out = clusters.copy()
+    next_id = int(clusters.max()) + 1
+    split = False
+    for cid, sl in enumerate(ndi.find_objects(clusters), start=1):
+        if sl is None:
+            continue
+        comp, n = ndi.label(clusters[sl] == cid, structure)
+        if n < 2:
+            continue
+        split = True
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        largest = int(np.argmax(sizes))
+        for k in range(1, n + 1):
+            if k == largest:
+                continue
+            if sizes[k] < min_voxels:
+                out[sl][comp == k] = 0
+            else:
+                out[sl][comp == k] = next_id
+                next_id += 1
+    if not split or not nuclei.any():
+        return out, cell_cluster
+    inside = nuclei > 0
+    key = nuclei[inside].astype(np.int64) * next_id + out[inside]
+    uniq, counts = np.unique(key, return_counts=True)
+    order = np.lexsort((counts, uniq // next_id))  # per nucleus, the most voxels last
+    last = np.r_[uniq[order][1:] // next_id != uniq[order][:-1] // next_id, True]
+    best = uniq[order][last]
+    new = cell_cluster.copy()
+    cells = best // next_id - 1
+    keep = new[cells] > 0  # cells outside every cluster stay outside
+    new[cells[keep]] = (best % next_id)[keep].astype(new.dtype)  # 0 where the piece was cleared
+    return out, new
 
 
 def _relabel_with_lut(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
