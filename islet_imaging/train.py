@@ -822,22 +822,12 @@ def instances_of(
     model_config: ModelConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus and cluster instances of one model-scale image, with its stage's size filters."""
-    from islet_imaging.models._postprocess import maps_to_instances
-    from islet_imaging.models.inference import cluster_split_for
+    from islet_imaging.models.inference import stage_instances
     from islet_imaging.stages import get_stage
 
+    px = model_config.pixel_size_um  # as segment_cnn post-processes, at the model scale
     profile = get_stage(item.stage or "S4")
-    px = model_config.pixel_size_um
-    cap_px = model_config.distance_cap_px.get("clusters")
-    return maps_to_instances(  # as segment_cnn post-processes, at the model scale
-        maps,
-        thresholds=thresholds,
-        spacing=(px, px),
-        nucleus_diameter_um=profile.nucleus_diameter_um,
-        cluster_diameter_um=(profile.min_cluster_diameter_um, None),
-        cluster_split=cluster_split_for(profile, model_config),
-        cluster_distance_cap_um=None if cap_px is None else cap_px * px,
-    )
+    return stage_instances(maps, (px, px), profile, model_config, thresholds)
 
 
 def evaluate(

@@ -423,3 +423,38 @@ def test_every_stage_makes_a_z_stack(stage: str) -> None:
     assert s.field.data.shape[1:] == (4, 64, 64) and s.nuclei.shape == (4, 64, 64)
     assert len(s.cells) == int(s.nuclei.max())
     assert set(s.cells["cluster_id"]) - {0} <= set(np.unique(s.clusters))
+
+
+def test_split_pieces_gives_each_piece_its_own_cluster_and_moves_its_cells() -> None:
+    from islet_imaging.synth._geometry import _split_pieces
+
+    clusters = np.zeros((1, 40, 40), np.int32)
+    clusters[0, 0:20, 0:20] = 1  # largest piece of cluster 1: keeps its label
+    clusters[0, 25:37, 25:37] = 1  # 144 px >= (4 × 2 µm)² at 1 µm/px: a cluster of its own
+    clusters[0, 0:3, 36:39] = 1  # 9 px: a speck, cleared
+    clusters[0, 30:40, 0:10] = 2  # untouched
+    nuclei = np.zeros_like(clusters)
+    nuclei[0, 5:8, 5:8] = 1  # in the largest piece
+    nuclei[0, 30:33, 30:33] = 2  # in the second piece
+    nuclei[0, 1:2, 37:38] = 3  # in the speck
+    nuclei[0, 33:36, 3:6] = 4  # in cluster 2
+    nuclei[0, 20:22, 38:40] = 5  # outside every cluster
+    cell_cluster = np.array([1, 1, 1, 2, 0], np.int32)
+    out, cc = _split_pieces(clusters, nuclei, cell_cluster, 2.0, np.ones(3))
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+    assert (out[0, 0:20, 0:20] == 1).all() and (out[0, 25:37, 25:37] == 3).all()
+    assert (out[0, 0:3, 36:39] == 0).all() and (out[0, 30:40, 0:10] == 2).all()
+    assert cc.tolist() == [1, 3, 0, 2, 0]
+
+
+@pytest.mark.parametrize("seed", [9000, 9003])
+def test_monolayer_patch_truth_is_connected(seed: int) -> None:
+    # these fields once held patches made of disconnected pieces (truth no segmenter can match)
+    s = generate_field("S2", seed=seed, size=512)
+    structure = np.ones((3, 3, 3), bool)
+    for i in range(1, int(s.clusters.max()) + 1):
+        assert ndi.label(s.clusters == i, structure)[1] == 1, f"cluster {i} is in pieces"
+    # every cell's cluster is the one under its nucleus
+    for cell in s.cells.itertuples():
+        under = s.clusters[s.nuclei == cell.cell_id]
+        assert np.bincount(under).argmax() == cell.cluster_id

@@ -57,6 +57,7 @@ __all__ = [
     "channel_percentiles",
     "cluster_split_for",
     "estimate_nucleus_diameter_px",
+    "field_instances",
     "normalise_channel",
     "predict_field_maps",
     "predict_maps",
@@ -65,6 +66,7 @@ __all__ = [
     "resize_image",
     "resize_labels",
     "segment_cnn",
+    "stage_instances",
 ]
 
 log = logging.getLogger(__name__)
@@ -666,6 +668,62 @@ def _is_empty(field: Field, profile: StageProfile, config: ModelConfig) -> bool:
     return not hi > lo
 
 
+def stage_instances(
+    maps: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    profile: StageProfile,
+    config: ModelConfig,
+    thresholds: Thresholds | Mapping[str, float],
+    *,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`maps_to_instances` with the stage's size filters and cluster split.
+
+    ``maps`` are 2D or 3D with ``spacing`` (µm) per axis. ``scale``: nuclei are this many times
+    the model's typical size (a user-given nucleus diameter), which shifts the nucleus size
+    filter and the cluster distance cap in µm with it.
+    """
+    lo_d, hi_d = profile.nucleus_diameter_um
+    cap_px = config.distance_cap_px.get("clusters")
+    return maps_to_instances(
+        maps,
+        thresholds=thresholds,
+        spacing=tuple(spacing),
+        nucleus_diameter_um=(lo_d * scale, hi_d * scale),
+        cluster_diameter_um=(profile.min_cluster_diameter_um, None),
+        cluster_split=cluster_split_for(profile, config),
+        cluster_distance_cap_um=None if cap_px is None else cap_px * config.pixel_size_um * scale,
+    )
+
+
+def field_instances(
+    maps: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    field: Field,
+    profile: StageProfile,
+    model: Model,
+    *,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
+    nucleus_diameter_um: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus and cluster instances, ``(Z, Y, X)`` int32, from :func:`predict_field_maps` output.
+
+    The post-processing half of :func:`segment_cnn`, separate so that it can be re-run on cached
+    maps (e.g. to tune thresholds).
+    """
+    cfg = model.config
+    scale = 1.0
+    if nucleus_diameter_um is not None and field.pixel_size is not None:
+        # the user says nuclei here are this big: shift the plausible range with them
+        scale = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
+    th = model.thresholds if thresholds is None else thresholds
+    if field.is_3d:
+        return stage_instances(maps, spacing, profile, cfg, th, scale=scale)
+    view = {k: v[0] for k, v in maps.items()}
+    nuclei, clusters = stage_instances(view, tuple(spacing)[1:], profile, cfg, th, scale=scale)
+    return nuclei[np.newaxis], clusters[np.newaxis]
+
+
 def segment_cnn(
     field: Field,
     profile: StageProfile,
@@ -746,27 +804,14 @@ def segment_cnn(
         compile=compile,
         dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
     )
-    lo_d, hi_d = profile.nucleus_diameter_um
-    model_px_um = cfg.pixel_size_um  # µm per model-scale pixel, in the field's µm
-    if nucleus_diameter_um is not None and field.pixel_size is not None:
-        # the user says nuclei here are this big: shift the plausible range with them
-        f = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
-        lo_d, hi_d = lo_d * f, hi_d * f
-        model_px_um *= f
-    cap_px = cfg.distance_cap_px.get("clusters")
-    th = mdl.thresholds if thresholds is None else thresholds
-    is_3d = field.is_3d
-    view = maps if is_3d else {k: v[0] for k, v in maps.items()}
-    nuclei, clusters = maps_to_instances(
-        view,
-        thresholds=th,
-        spacing=spacing if is_3d else spacing[1:],
-        nucleus_diameter_um=(lo_d, hi_d),
-        cluster_diameter_um=(profile.min_cluster_diameter_um, None),
-        cluster_split=cluster_split_for(profile, cfg),
-        cluster_distance_cap_um=None if cap_px is None else cap_px * model_px_um,
+    nuclei, clusters = field_instances(
+        maps,
+        spacing,
+        field,
+        profile,
+        mdl,
+        thresholds=thresholds,
+        nucleus_diameter_um=nucleus_diameter_um,
     )
-    if not is_3d:
-        nuclei, clusters = nuclei[np.newaxis], clusters[np.newaxis]
     probs = {k: v.astype(np.float32) for k, v in maps.items()} if return_probabilities else {}
     return Labels(nuclei, clusters, probs, mdl.name)
