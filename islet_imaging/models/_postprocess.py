@@ -303,8 +303,7 @@ def combined_split_instances(
         if distance is not None:
             assert distance_cap_um is not None
             pred = np.asarray(distance[sl], dtype=np.float32)
-            seen = mask & (pred < SATURATED)
-            depth[seen] = np.minimum(depth[seen], pred[seen] * np.float32(distance_cap_um))
+            _combine_depth(depth, pred, mask, distance_cap_um)
         ws = _watershed_from_maxima(depth, mask, step)
         if ws is None:
             return None
@@ -315,6 +314,12 @@ def combined_split_instances(
 
     fg = foreground > foreground_threshold
     return _split_components(fg, split, min_size=min_size, max_size=max_size)
+
+
+def _combine_depth(depth: np.ndarray, pred: np.ndarray, mask: np.ndarray, cap_um: float) -> None:
+    """In place: ``depth`` (the shape's distance, µm) lowered to the predicted distance in µm."""
+    seen = mask & (pred < SATURATED)
+    depth[seen] = np.minimum(depth[seen], pred[seen] * np.float32(cap_um))
 
 
 def _watershed_from_maxima(surface: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray | None:
