@@ -12,6 +12,7 @@ clusters are separated the same way, which is what the truth labels need.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,19 +359,29 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _largest_components(labels: np.ndarray) -> np.ndarray:
-    """Keep only the largest connected piece of every label (touching clusters can cut others)."""
-    out = labels.copy()
+def _pieces(
+    labels: np.ndarray, structure: np.ndarray | None = None
+) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray, np.ndarray]]:
+    """Per label: ``(label, bounding-box slice, its connected pieces 1..n in the box, sizes)``.
+
+    ``sizes[k]`` is the voxel count of piece ``k`` (``sizes[0] = 0``); ``structure`` as in
+    :func:`scipy.ndimage.label` (default: face connectivity).
+    """
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        sub = labels[sl] == i
-        comp, n = ndi.label(sub)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            drop = sub & (comp != int(np.argmax(sizes)))
-            out[sl][drop] = 0
+        comp, _ = ndi.label(labels[sl] == i, structure)
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        yield i, sl, comp, sizes
+
+
+def _largest_components(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest connected piece of every label (touching clusters can cut others)."""
+    out = labels.copy()
+    for _, sl, comp, sizes in _pieces(labels):
+        if sizes.size > 2:
+            out[sl][(comp > 0) & (comp != int(np.argmax(sizes)))] = 0
     return out
 
 
@@ -486,21 +497,11 @@ def _paint_nuclei(
 def _clean_nuclei(labels: np.ndarray, expected_voxels: np.ndarray, min_voxels: int) -> np.ndarray:
     """Largest connected piece of every nucleus; drop slivers smaller than a third of expected."""
     out = labels.copy()
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        sub = labels[sl] == i
-        comp, n = ndi.label(sub)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            keep = comp == int(np.argmax(sizes))
-            out[sl][sub & ~keep] = 0
-            size = int(sizes.max())
-        else:
-            size = int(sub.sum())
-        if size < max(min_voxels, 0.33 * expected_voxels[i - 1]):
-            out[sl][labels[sl] == i] = 0
+    for i, sl, comp, sizes in _pieces(labels):
+        largest = int(np.argmax(sizes))
+        out[sl][(comp > 0) & (comp != largest)] = 0
+        if sizes[largest] < max(min_voxels, 0.33 * expected_voxels[i - 1]):
+            out[sl][comp == largest] = 0
     return out
 
 
@@ -794,17 +795,12 @@ def _split_pieces(
     out = clusters.copy()
     next_id = int(clusters.max()) + 1
     split = False
-    for cid, sl in enumerate(ndi.find_objects(clusters), start=1):
-        if sl is None:
-            continue
-        comp, n = ndi.label(clusters[sl] == cid, structure)
-        if n < 2:
+    for _, sl, comp, sizes in _pieces(clusters, structure):
+        if sizes.size <= 2:
             continue
         split = True
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
         largest = int(np.argmax(sizes))
-        for k in range(1, n + 1):
+        for k in range(1, sizes.size):
             if k == largest:
                 continue
             if sizes[k] < min_voxels:
