@@ -5,8 +5,9 @@ network is trained to predict) are fed as "perfect maps" to ``maps_to_instances`
 thresholds and the stage's size filters, and the instances are scored against the truth. A
 perfect network would reach these numbers; losses here come from the target definition and the
 post-processing (plane-wise maps in 3D, size filters, truncated objects), not from the network.
-The last columns split clusters as inference does (``cluster_split_for``: by shape for colonies
-and aggregates, not at all for monolayer patches), from the perfect cluster foreground.
+The last columns post-process clusters as inference does (``stage_instances``: the model's cluster
+split for colonies and aggregates, with the perfect distance map and its cap in µm; none for
+monolayer patches), from the perfect cluster maps.
 
 Usage::
 
@@ -27,7 +28,7 @@ STAGES_3D = ("S4", "S5", "S6")
 def main() -> int:
     from islet_imaging.metrics import match_dataset
     from islet_imaging.models import ModelConfig, make_targets, maps_to_instances
-    from islet_imaging.models.inference import cluster_split_for
+    from islet_imaging.models.inference import cluster_split_for, stage_instances
     from islet_imaging.stages import get_stage
     from islet_imaging.synth import generate_field
 
@@ -62,14 +63,7 @@ def main() -> int:
                 )
                 pairs["nuclei"].append((nuc_t, nuc))
                 pairs["clusters"].append((clu_t, clu))
-                _, clu_split = maps_to_instances(
-                    maps,
-                    thresholds=cfg.thresholds,
-                    spacing=spacing,
-                    nucleus_diameter_um=profile.nucleus_diameter_um,
-                    cluster_diameter_um=(profile.min_cluster_diameter_um, None),
-                    cluster_split=split,
-                )
+                _, clu_split = stage_instances(maps, spacing, profile, cfg, cfg.thresholds)
                 pairs["split"].append((clu_t, clu_split))
             row = [profile.short_name, dims, str(len(seeds))]
             for name in ("nuclei", "clusters", "split"):

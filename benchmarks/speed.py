@@ -121,8 +121,8 @@ def memory_child(
     """
     import gc
 
-    from islet_imaging.models import make_targets, maps_to_instances
-    from islet_imaging.models.inference import segment_cnn
+    from islet_imaging.models import make_targets
+    from islet_imaging.models.inference import segment_cnn, stage_instances
     from islet_imaging.stages import get_stage
 
     profile = get_stage("S6")
@@ -148,13 +148,7 @@ def memory_child(
     before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     if maps is not None:
-        nuc, clu = maps_to_instances(
-            maps,
-            spacing=fld.pixel_size.yx,
-            nucleus_diameter_um=profile.nucleus_diameter_um,
-            cluster_diameter_um=(profile.min_cluster_diameter_um, None),
-            thresholds=model.thresholds,
-        )
+        nuc, clu = stage_instances(maps, fld.pixel_size.yx, profile, model.config, model.thresholds)
     else:
         labels = segment_cnn(fld, profile, model=model, tile=tile)
         nuc, clu = labels.nuclei, labels.clusters
@@ -199,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from islet_imaging.models import count_parameters, make_targets, maps_to_instances
+    from islet_imaging.models import count_parameters, make_targets
     from islet_imaging.models.classical import segment_classical
     from islet_imaging.models.inference import (
-        cluster_split_for,
         predict_maps,
         prepare_input,
         segment_cnn,
+        stage_instances,
     )
     from islet_imaging.stages import get_stage
 
@@ -258,32 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     res["network_seconds"] = {k: round(v, 3) for k, v in net_times.items()}
     res["network_gflops_per_s"] = {k: round(flops / 1e9 / v, 1) for k, v in net_times.items()}
     if args.network_only:
-        res["machine"]["load_after"] = os.getloadavg()
-        print(json.dumps(res, indent=2))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(res, indent=2) + "\n")
-        return 0
+        return _report(res, args.json)
 
     res["predict_maps_seconds"] = round(
         _median_time(lambda: predict_maps(inp, model, tile=args.tile), args.repeats)[0], 3
     )
     maps = predict_maps(inp, model, tile=args.tile)
-    kw = {
-        "cluster_split": cluster_split_for(profile, cfg),  # as segment_cnn does
-        "spacing": fld.pixel_size.yx,
-        "nucleus_diameter_um": profile.nucleus_diameter_um,
-        "cluster_diameter_um": (profile.min_cluster_diameter_um, None),
-        "thresholds": model.thresholds,
-    }
+
+    def post(m: dict[str, np.ndarray]) -> Any:  # as segment_cnn post-processes
+        return stage_instances(m, fld.pixel_size.yx, profile, cfg, model.thresholds)
+
     t = make_targets(nuclei[0], clusters[0], distance_cap_px=cfg.distance_cap_px)
     perfect = {k: v for k, v in t.items() if not k.endswith("_weight")}
     res["postprocess_seconds_perfect_maps"] = round(
-        _median_time(lambda: maps_to_instances(perfect, **kw), args.repeats)[0], 3
+        _median_time(lambda: post(perfect), args.repeats)[0], 3
     )
     if trained:
         res["postprocess_seconds_model_maps"] = round(
-            _median_time(lambda: maps_to_instances(maps, **kw), args.repeats)[0], 3
+            _median_time(lambda: post(maps), args.repeats)[0], 3
         )
     res["segment_cnn_seconds"] = round(
         _median_time(lambda: segment_cnn(fld, profile, model=model, tile=args.tile), args.repeats)[
@@ -304,12 +290,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--arch", args.arch] if args.arch else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
             res["memory"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    res["machine"]["load_after"] = os.getloadavg()
+    return _report(res, args.json)
 
+
+def _report(res: dict[str, Any], path: Path | None) -> int:
+    """Print the results as JSON (with the load average after the run); write them to ``path``."""
+    res["machine"]["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
     return 0
 
 
