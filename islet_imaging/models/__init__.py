@@ -47,8 +47,7 @@ memory) and :func:`segment_cnn(field, profile, model=..., ...) <segment_cnn>` â†
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from islet_imaging._lazy import attach
 
 _LAZY = {
     "ModelConfig": "islet_imaging.models._config",
@@ -80,14 +79,4 @@ _LAZY = {
     "shape_split_instances": "islet_imaging.models._postprocess",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'islet_imaging.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)

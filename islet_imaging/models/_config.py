@@ -48,6 +48,14 @@ def _where(where: str | None) -> str:
     return f"{where}: " if where else ""
 
 
+def _reject_unknown_keys(d: Mapping[str, Any], cls: type, what: str, where: str | None) -> None:
+    """A key that is not a field of ``cls`` is an error (a typo would be silently ignored)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ModelError(f"{_where(where)}unknown {what} keys {unknown}; known: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Post-processing thresholds, per object class.
@@ -122,12 +130,7 @@ class Thresholds:
             raise ModelError(
                 f"{_where(where)}thresholds must be a JSON object, got {type(d).__name__}"
             )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelError(
-                f"{_where(where)}unknown threshold keys {unknown}; known: {sorted(known)}"
-            )
+        _reject_unknown_keys(d, cls, "threshold", where)
         try:
             return cls(**dict(d))
         except ModelError as exc:
@@ -358,12 +361,7 @@ class ModelConfig:
                 f"{_where(where)}format_version {version!r} is not supported (this version reads "
                 f"{FORMAT_VERSION}); update islet-imaging"
             )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelError(
-                f"{_where(where)}unknown config keys {unknown}; known: {sorted(known)}"
-            )
+        _reject_unknown_keys(d, cls, "config", where)
         try:
             if "thresholds" in d:
                 d["thresholds"] = Thresholds.from_dict(d["thresholds"])
