@@ -32,7 +32,12 @@ log = logging.getLogger("tune_cluster_split")
 
 def _seeds(text: str) -> list[int]:
     lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
+    try:
+        return list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a seed range; give FIRST-LAST, e.g. 1100-1115"
+        ) from None
 
 
 def tuning_maps(model, seeds: list[int], size: int, pixel_size_range) -> list[tuple]:
@@ -89,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    from islet_imaging.errors import InputError
     from islet_imaging.models import load_model
 
-    model = load_model(Path(args.model))
+    try:
+        model = load_model(Path(args.model))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     base = model.thresholds
     cached = tuning_maps(model, args.seeds, args.size, args.pixel_size_range)
     results = {
