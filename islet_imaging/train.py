@@ -149,6 +149,12 @@ class TrainConfig:
     schedule : {"onecycle", "cosine", "constant"}
     loss weights : float
         ``w_foreground``, ``w_dice``, ``w_distance``, ``w_clusters`` (the cluster head's share).
+    touch_weight, touch_weight_distance : float
+        Pixel weight, relative to 1, of the contact zone between two touching objects in the
+        foreground loss and in the distance loss (see :func:`touching_boundaries`).
+    cluster_touch_band_px : int
+        Half-width (px at the model scale) of the contact zone between touching clusters; for
+        nuclei it is 1 px.
     seed : int
         Seeds weight initialisation, the validation split and every batch.
     threads : int
@@ -194,6 +200,9 @@ class TrainConfig:
     w_dice: float = 1.0
     w_distance: float = 2.0
     w_clusters: float = 0.5
+    touch_weight: float = 3.0
+    touch_weight_distance: float = 1.0
+    cluster_touch_band_px: int = 1
     seed: int = 0
     threads: int = 2
     device: str = "auto"
@@ -218,7 +227,14 @@ class TrainConfig:
             )
         if any(not (w > 0 and math.isfinite(w)) for w in self.data_weights):
             raise InputError("--data-weights must be positive numbers")
-        for key in ("patch_size", "batch_size", "epochs", "threads", "max_val_images"):
+        for key in (
+            "patch_size",
+            "batch_size",
+            "epochs",
+            "threads",
+            "max_val_images",
+            "cluster_touch_band_px",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{key} must be a positive integer, got {value!r}")
@@ -230,6 +246,8 @@ class TrainConfig:
             raise InputError(f"patch_size {self.patch_size} must be a multiple of 16")
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise InputError(f"schedule {self.schedule!r} is not onecycle, cosine or constant")
+        if not (self.touch_weight >= 1 and self.touch_weight_distance >= 1):
+            raise InputError("touch_weight and touch_weight_distance must be >= 1")
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise InputError("lr must be > 0 and weight_decay >= 0")
         if not 0 <= self.scale_jitter < 1:
@@ -528,7 +546,7 @@ def make_batch(
             augment=augment,
         )
         images.append(patch)
-        targets.append(_targets_for(nuc, clu, model_config, make_targets))
+        targets.append(_targets_for(nuc, clu, model_config, make_targets, config))
     batch: dict[str, np.ndarray] = {"image": np.stack(images)}
     for key in targets[0]:
         batch[key] = np.stack([t[key] for t in targets])
@@ -540,12 +558,15 @@ def _targets_for(
     clusters: np.ndarray | None,
     model_config: ModelConfig,
     make_targets: Any,
+    config: TrainConfig,
 ) -> dict[str, np.ndarray]:
     """Target maps, pixel weights and presence flags of one patch.
 
-    Pixel weights are the target's own (0 where a class is not annotated) times a boundary term:
-    pixels where two touching objects meet weigh :data:`TOUCH_WEIGHT` times more, so the
-    network learns the thin gaps that separate touching nuclei.
+    Pixel weights are the target's own (0 where a class is not annotated) times a contact term:
+    pixels where two touching objects meet weigh ``config.touch_weight`` times more in the
+    foreground loss (``<class>_weight``) and ``config.touch_weight_distance`` times more in the
+    distance loss (``<class>_distance_weight``), so the network learns the thin gaps that
+    separate touching objects.
     """
     ref = nuclei if nuclei is not None else clusters
     assert ref is not None
@@ -557,12 +578,16 @@ def _targets_for(
         present = labels is not None
         for m in head_maps:
             out[f"{cls_name}_{m}"] = np.asarray(maps[f"{cls_name}_{m}"], np.float32)
-        weight = np.asarray(maps[f"{cls_name}_weight"], np.float32)
+        base = np.asarray(maps[f"{cls_name}_weight"], np.float32)
         if present:
-            weight = weight * (1.0 + (TOUCH_WEIGHT - 1.0) * touching_boundaries(labels))
+            band = config.cluster_touch_band_px if cls_name == "clusters" else 1
+            touch = touching_boundaries(labels, radius=band)
+            weight = base * (1.0 + (config.touch_weight - 1.0) * touch)
+            d_weight = base * (1.0 + (config.touch_weight_distance - 1.0) * touch)
         else:
-            weight = np.zeros(ref.shape, np.float32)
+            weight = d_weight = np.zeros(ref.shape, np.float32)
         out[f"{cls_name}_weight"] = weight.astype(np.float32)
+        out[f"{cls_name}_distance_weight"] = d_weight.astype(np.float32)
         out[f"{cls_name}_present"] = np.float32(present)
     return out
 
@@ -578,16 +603,15 @@ ARCHITECTURE_KEYS: tuple[str, ...] = (
     "heads",
 )
 
-#: Extra loss weight on pixels where two objects touch.
-TOUCH_WEIGHT = 3.0
 
-
-def touching_boundaries(labels: np.ndarray) -> np.ndarray:
-    """Pixels within one pixel of two different objects (the gaps between touching objects).
+def touching_boundaries(labels: np.ndarray, *, radius: int = 1) -> np.ndarray:
+    """Pixels within ``radius`` pixels of two different objects (the gaps between touching objects).
 
     Parameters
     ----------
     labels : (Y, X) ndarray of int
+    radius : int
+        Half-width of the band (1: the pixels next to the contact line).
 
     Returns
     -------
@@ -600,8 +624,9 @@ def touching_boundaries(labels: np.ndarray) -> np.ndarray:
     if not lab.any():
         return np.zeros(lab.shape, np.float32)
     big = np.iinfo(np.int32).max
-    hi = ndi.maximum_filter(lab, size=3)
-    lo = ndi.minimum_filter(np.where(lab > 0, lab, big), size=3)
+    size = 2 * int(radius) + 1
+    hi = ndi.maximum_filter(lab, size=size)
+    lo = ndi.minimum_filter(np.where(lab > 0, lab, big), size=size)
     return ((lo < big) & (hi != lo)).astype(np.float32)
 
 
@@ -723,7 +748,7 @@ def compute_loss(
         if "distance" in head_maps:
             d_logit = logits[:, names.index(f"{cls_name}_distance")]
             d_t = batch[f"{cls_name}_distance"]
-            inside = (fg_t > 0.5).float() * present
+            inside = (fg_t > 0.5).float() * batch[f"{cls_name}_distance_weight"] * present
             l1 = (torch.sigmoid(d_logit) - d_t).abs()
             loss_d = config.w_distance * (l1 * inside).sum() / inside.sum().clamp_min(1.0)
         total = total + cls_weight * (loss_fg + loss_d)
@@ -1411,7 +1436,9 @@ def write_card(
         "batch size × patch": f"{config.batch_size} × {config.patch_size}²",
         "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}",
         "loss": "weighted BCE + Dice (foreground), L1 inside objects (distance); "
-        f"touching-boundary weight {TOUCH_WEIGHT}; cluster head × {config.w_clusters}; "
+        f"contact weight {config.touch_weight:g} (foreground), "
+        f"{config.touch_weight_distance:g} (distance), cluster contact band "
+        f"±{config.cluster_touch_band_px} px; cluster head × {config.w_clusters}; "
         "heads without labels masked",
         "augmentation": (
             f"scale ±{config.scale_jitter:.0%}, flips, 90° rotations, gain, gamma, noise, blur"
@@ -1549,6 +1576,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
     )
     opt.add_argument(
+        "--touch-weight",
+        type=float,
+        default=d.touch_weight,
+        help="foreground-loss weight of pixels where two objects touch (1 = none)",
+    )
+    opt.add_argument(
+        "--touch-weight-distance",
+        type=float,
+        default=d.touch_weight_distance,
+        help="distance-loss weight of pixels where two objects touch (1 = none)",
+    )
+    opt.add_argument(
+        "--cluster-touch-band",
+        type=int,
+        default=d.cluster_touch_band_px,
+        help="half-width (px at model scale) of the contact zone between touching clusters",
+    )
+    opt.add_argument(
         "--scale-jitter", type=float, default=d.scale_jitter, help="±relative scale augmentation"
     )
     opt.add_argument("--no-augment", action="store_true", help="no augmentation")
@@ -1623,6 +1668,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         w_clusters=args.w_clusters,
+        touch_weight=args.touch_weight,
+        touch_weight_distance=args.touch_weight_distance,
+        cluster_touch_band_px=args.cluster_touch_band,
         seed=args.seed,
         threads=args.threads,
         device=args.device,

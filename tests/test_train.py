@@ -276,6 +276,29 @@ def test_touching_boundaries_mark_only_gaps_between_objects() -> None:
     assert t[2, 3] == 1 and t[2, 4] == 1  # the shared edge
     assert t[2, 1] == 0 and t[0, 0] == 0  # outer edge, background
     assert not touching_boundaries(np.zeros((4, 4), np.int32)).any()
+    wide = touching_boundaries(lab, radius=2)
+    assert wide[2, 2] == 1 and wide[2, 5] == 1  # two pixels from the contact line
+    assert wide[2, 1] == 0 and wide[2, 6] == 0  # three pixels away
+
+
+def test_contact_weights_of_each_loss_and_class() -> None:
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models._targets import make_targets
+    from islet_imaging.train import _targets_for
+
+    lab = np.zeros((12, 16), np.int32)
+    lab[2:10, 2:8] = 1
+    lab[2:10, 8:14] = 2
+    cfg = TrainConfig(
+        data=("x",), touch_weight=3.0, touch_weight_distance=5.0, cluster_touch_band_px=2
+    )
+    t = _targets_for(lab, lab, ModelConfig(), make_targets, cfg)
+    assert t["nuclei_weight"][5, 7] == 3.0 and t["nuclei_distance_weight"][5, 7] == 5.0
+    assert t["nuclei_weight"][5, 6] == 1.0  # nuclei: one pixel either side of the contact
+    assert t["clusters_distance_weight"][5, 6] == 5.0  # clusters: the wider band
+    assert t["clusters_distance_weight"][5, 5] == 1.0 and t["clusters_weight"][0, 0] == 1.0
+    no_clusters = _targets_for(lab, None, ModelConfig(), make_targets, cfg)
+    assert not no_clusters["clusters_distance_weight"].any()
 
 
 # -- optimisation --------------------------------------------------------------------------------
