@@ -15,6 +15,8 @@ Two test sets, neither used for training or tuning:
    or ``train-median`` — one fixed value, the median over the ``train`` split of each image's
    median nucleus diameter (from the train masks). For the CNN a third row leaves the diameter
    out, so that inference estimates it itself (scale-normalised LoG). Nuclei only.
+   ``--dsb-split val`` scores the ``val`` split instead, to compare training recipes or models
+   without looking at ``test``.
 
 Metric: AP = tp / (tp + fp + fn) at IoU 0.5 and 0.75 (StarDist / DSB 2018 "average precision"),
 pooled over the images of a group (:func:`islet_imaging.metrics.match_dataset`).
@@ -23,6 +25,8 @@ Usage::
 
     .venv/bin/python benchmarks/accuracy.py                      # everything, writes results/
     .venv/bin/python benchmarks/accuracy.py --methods default --skip-dsb --n-per-stage 1
+    .venv/bin/python benchmarks/accuracy.py --methods default runs/x --dsb-split val \
+        --n-per-stage 0 --n-alt 0 --n-3d 0 --out /tmp/val.json
 """
 
 from __future__ import annotations
@@ -132,14 +136,14 @@ def _median_diameter_px(labels: np.ndarray) -> float | None:
 
 
 def dsb(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Pooled nuclei AP on the DSB 2018 test split, two ways of choosing the nucleus diameter."""
+    """Pooled nuclei AP on a DSB 2018 split (``--dsb-split``), ways of choosing the diameter."""
     from islet_imaging.io import read_field, read_labels
     from islet_imaging.models.classical import estimate_nucleus_diameter
 
     with (args.dsb / "split.csv").open(newline="") as fh:
         split = list(csv.DictReader(fh))
     train_ids = [r["id"] for r in split if r["split"] == "train"]
-    test_ids = [r["id"] for r in split if r["split"] == "test"][: args.dsb_limit or None]
+    test_ids = [r["id"] for r in split if r["split"] == args.dsb_split][: args.dsb_limit or None]
     train_d = [
         d
         for d in (
@@ -167,7 +171,7 @@ def dsb(args: argparse.Namespace) -> list[dict[str, object]]:
         rows.append(
             {
                 "method": method,
-                "set": f"DSB2018 test (diameter: {how})",
+                "set": f"DSB2018 {args.dsb_split} (diameter: {how})",
                 "stage": args.dsb_stage,
                 "nuclei_ap50": a50,
                 "nuclei_ap75": a75,
@@ -224,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dsb-stage", default="S1", help="stage profile used for DSB images (size filters)"
     )
     p.add_argument("--skip-dsb", action="store_true")
+    p.add_argument(
+        "--dsb-split",
+        choices=("test", "val"),
+        default="test",
+        help="DSB split to score: test (held out; the reported figure) or val (for comparing "
+        "training recipes without touching test)",
+    )
     p.add_argument(
         "--dsb-limit", type=int, default=0, help="only the first N test images (0 = all)"
     )
