@@ -1575,24 +1575,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
     )
-    opt.add_argument(
-        "--touch-weight",
-        type=float,
-        default=d.touch_weight,
-        help="foreground-loss weight of pixels where two objects touch (1 = none)",
-    )
-    opt.add_argument(
-        "--touch-weight-distance",
-        type=float,
-        default=d.touch_weight_distance,
-        help="distance-loss weight of pixels where two objects touch (1 = none)",
-    )
-    opt.add_argument(
-        "--cluster-touch-band",
-        type=int,
-        default=d.cluster_touch_band_px,
-        help="half-width (px at model scale) of the contact zone between touching clusters",
-    )
+    for flag, key, kind, what in (
+        ("--touch-weight", "touch_weight", float, "foreground-loss weight of contact pixels"),
+        (
+            "--touch-weight-distance",
+            "touch_weight_distance",
+            float,
+            "distance-loss weight of contact pixels",
+        ),
+        (
+            "--cluster-touch-band",
+            "cluster_touch_band_px",
+            int,
+            "half-width (px at model scale) of the contact zone between touching clusters",
+        ),
+    ):
+        default = getattr(d, key)
+        opt.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
     opt.add_argument(
         "--scale-jitter", type=float, default=d.scale_jitter, help="±relative scale augmentation"
     )
