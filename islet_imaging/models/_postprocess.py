@@ -216,8 +216,7 @@ def shape_split_instances(
     ndarray of int32
         Labels 1..N, consecutive.
     """
-    ndim = np.ndim(foreground)
-    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * ndim))
+    spacing = _spacing(spacing, np.ndim(foreground))
     sigma = [smooth_um / v for v in spacing]
 
     def split(
@@ -282,8 +281,7 @@ def combined_split_instances(
     ndarray of int32
         Labels 1..N, consecutive.
     """
-    ndim = np.ndim(foreground)
-    spacing = tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * ndim))
+    spacing = _spacing(spacing, np.ndim(foreground))
     if distance is not None and not (
         distance_cap_um is not None and math.isfinite(distance_cap_um) and distance_cap_um > 0
     ):
@@ -314,6 +312,11 @@ def combined_split_instances(
 
     fg = foreground > foreground_threshold
     return _split_components(fg, split, min_size=min_size, max_size=max_size)
+
+
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """µm per pixel per axis as floats; 1 per axis when not given."""
+    return tuple(float(v) for v in (spacing if spacing is not None else (1.0,) * ndim))
 
 
 def _combine_depth(depth: np.ndarray, pred: np.ndarray, mask: np.ndarray, cap_um: float) -> None:
@@ -741,9 +744,7 @@ def maps_to_instances(
     ndim = len(shape)
     if ndim not in (2, 3):
         raise InputError(f"maps must be (Y, X) or (Z, Y, X), got shape {shape}")
-    if spacing is None:
-        spacing = (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
+    spacing = _spacing(spacing, ndim)
     if len(spacing) != ndim:
         raise InputError(f"spacing {spacing} has {len(spacing)} values for {ndim}-D maps")
 
