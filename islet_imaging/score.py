@@ -67,9 +67,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The segmentation model ``score`` uses when none is given (one place to change it): the shipped
-#: CNN. On the sample plate it finds as many whole clusters as the classical baseline (37 of 46)
-#: with a smaller median-diameter error (1.2 % vs 4.2 %) and marker-fraction error (0.83 vs
-#: 1.75 pp); benchmarks/README.md has the held-out comparison.
+#: CNN. On the sample plate it finds all 46 whole clusters (classical baseline: 37), with a smaller
+#: median-diameter error (2.3 % vs 4.2 %) and marker-fraction error (0.93 vs 1.75 pp):
+#: ``benchmarks/sample_plate.py``; benchmarks/README.md has the held-out comparison.
 DEFAULT_MODEL = "default"
 
 #: Tables written by :func:`write_tables`, in order.
