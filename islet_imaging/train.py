@@ -247,7 +247,10 @@ class TrainConfig:
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise InputError(f"schedule {self.schedule!r} is not onecycle, cosine or constant")
         if not (self.touch_weight >= 1 and self.touch_weight_distance >= 1):
-            raise InputError("touch_weight and touch_weight_distance must be >= 1")
+            raise InputError(
+                f"--touch-weight {self.touch_weight:g} and --touch-weight-distance "
+                f"{self.touch_weight_distance:g} must be >= 1 (1: contact pixels weigh as any other)"
+            )
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise InputError("lr must be > 0 and weight_decay >= 0")
         if not 0 <= self.scale_jitter < 1:

@@ -299,6 +299,8 @@ def test_contact_weights_of_each_loss_and_class() -> None:
     assert t["clusters_distance_weight"][5, 5] == 1.0 and t["clusters_weight"][0, 0] == 1.0
     no_clusters = _targets_for(lab, None, ModelConfig(), make_targets, cfg)
     assert not no_clusters["clusters_distance_weight"].any()
+    with pytest.raises(InputError, match=r"--touch-weight-distance 0\.5 must be >= 1"):
+        TrainConfig(data=("x",), touch_weight_distance=0.5)
 
 
 # -- optimisation --------------------------------------------------------------------------------
