@@ -24,8 +24,10 @@ from islet_imaging.models._config import ModelConfig
 from islet_imaging.models._modeldir import Model, save_model
 from islet_imaging.models._network import build_network
 from islet_imaging.models.inference import (
+    UNKNOWN_SCALE_MIN_NUCLEUS,
     EmptyImageWarning,
     estimate_nucleus_diameter_px,
+    field_instances,
     predict_maps,
     prepare_input,
     rescale_factor,
@@ -421,3 +423,21 @@ def test_combined_split_gets_the_distance_cap_in_um(
     assert cfg.distance_cap_px["clusters"] == 12.0
     assert seen["cluster_split"] == "combined"
     assert seen["cluster_distance_cap_um"] == pytest.approx(cap_um)
+
+
+def test_without_pixel_size_smaller_nuclei_are_kept(oracle: Model) -> None:
+    """S0 nuclei are 5-18 µm. A 4 µm nucleus is dropped when the pixel size is known; without
+    one, µm come from a single typical diameter and the floor is lowered (to 3 µm)."""
+    assert UNKNOWN_SCALE_MIN_NUCLEUS * S0.nucleus_diameter_um[0] == pytest.approx(3.0)
+    yy, xx = np.mgrid[:40, :80]
+    fg = np.zeros((1, 40, 80), np.float32)
+    fg[0, np.hypot(yy - 20, xx - 20) < 2.0 / 0.5] = 1.0  # 4 µm across at 0.5 µm/px
+    fg[0, np.hypot(yy - 20, xx - 60) < 5.0 / 0.5] = 1.0  # 10 µm
+    maps = {"nuclei_foreground": fg}
+    spacing = (1.0, 0.5, 0.5)
+    counts = {}
+    for px in (0.5, None):
+        fld, _ = field_2d(px, px_for_shape=0.5)
+        nuclei, _ = field_instances(maps, spacing, fld, S0, oracle)
+        counts[px] = int(nuclei.max())
+    assert counts == {0.5: 1, None: 2}

@@ -404,3 +404,35 @@ def test_combined_split_bad_cap() -> None:
         combined_split_instances(fg, fg, distance_cap_um=None)
     with pytest.raises(InputError, match="distance_cap_um"):
         combined_split_instances(fg, fg, distance_cap_um=-1.0)
+
+
+def test_nuclei_seed_3d_applies_to_z_stacks_only() -> None:
+    """Two nuclei joined by a neck whose distance is 0.6: one core at seed 0.5, two at 0.7."""
+    dist = np.zeros((24, 40), np.float32)
+    yy, xx = np.mgrid[:24, :40]
+    for cx in (10, 30):
+        dist = np.maximum(dist, 1.0 - np.hypot(yy - 12, xx - cx) / 9.0)
+    dist[10:15, 10:31] = np.maximum(dist[10:15, 10:31], 0.6)  # the neck
+    fg = (dist > 0).astype(np.float32)
+    th = Thresholds(nuclei_seed=0.5, nuclei_seed_3d=0.7)
+    assert th.for_class("nuclei")["seed"] == 0.5
+    assert th.for_class("nuclei", z_stack=True)["seed"] == 0.7
+    assert Thresholds(nuclei_seed=0.5).for_class("nuclei", z_stack=True)["seed"] == 0.5
+    maps = {"nuclei_foreground": fg, "nuclei_distance": dist}
+    nuc2d, _ = maps_to_instances(maps, thresholds=th)
+    assert nuc2d.max() == 1
+    stack = {k: np.repeat(v[np.newaxis], 3, axis=0) for k, v in maps.items()}
+    nuc3d, _ = maps_to_instances(stack, thresholds=th, spacing=(1.0, 1.0, 1.0))
+    assert nuc3d.max() == 2
+    # a single plane is 2D data: the 2D level
+    one, _ = maps_to_instances({k: v[:1] for k, v in stack.items()}, thresholds=th)
+    assert one.max() == 1
+
+
+def test_nuclei_seed_3d_is_optional_and_checked() -> None:
+    assert Thresholds.from_dict({"nuclei_seed_3d": None}).nuclei_seed_3d is None
+    assert Thresholds.from_dict({"nuclei_seed_3d": 0.7}).to_dict()["nuclei_seed_3d"] == 0.7
+    with pytest.raises(ModelError, match="nuclei_seed_3d"):
+        Thresholds(nuclei_seed_3d=1.5)
+    with pytest.raises(ModelError, match="nuclei_seed="):
+        Thresholds(nuclei_seed=None)  # type: ignore[arg-type]

@@ -757,7 +757,7 @@ def maps_to_instances(
         if fg is None:
             out[cls_name] = np.zeros(shape, np.int32)
             continue
-        t = th.for_class(cls_name)
+        t = th.for_class(cls_name, z_stack=ndim == 3 and shape[0] > 1)
         lo, hi = object_size_range(diameters, spacing)
         if cls_name == "clusters" and cluster_split == "combined":
             # without a cap the distance map is per-object normalised, not in µm: shape alone

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Choose a model's post-processing thresholds on tuning data that training and benchmarks never use.
+
+The network runs once per image; the post-processing is then repeated on the cached maps for
+every candidate value.
+
+``--tune clusters`` (default): ``clusters_saddle`` (the combined cluster split) over
+``--saddles``, × ``clusters_foreground`` over ``--cluster-foregrounds`` if given, on 2D fields
+of every colony and aggregate stage (monolayer patches are not split). Best: the pooled cluster
+AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current one).
+
+``--tune nuclei``: first ``nuclei_foreground`` × ``nuclei_seed`` over ``--foregrounds`` ×
+``--seed-levels``, on two sets of 2D images: fields of all 8 stages, and the DSB 2018
+fluorescence ``val`` split (``--dsb``; skipped when absent), each image rescaled by its
+estimated nucleus diameter as in ``benchmarks/accuracy.py``. Best: the mean over the sets of
+the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then, at that foreground level,
+``nuclei_seed_3d`` over ``--seed-levels-3d`` on z-stacks (5 planes 2 µm apart) of the
+aggregate stages, from the first ``--n-3d`` seeds: the best pooled AP@0.5.
+
+Synthetic tuning fields: seeds ``--seeds`` (default 1100-1115: neither training seeds 0-1099
+nor the held-out benchmark seeds >= 9000), ``--size``² px, each at a pixel size drawn uniformly
+from ``--pixel-size-range`` µm.
+
+Usage::
+
+    .venv/bin/python scripts/tune_postprocess.py --model models/default
+    .venv/bin/python scripts/tune_postprocess.py --model models/default --tune nuclei --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import logging
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger("tune_postprocess")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Cached(NamedTuple):
+    """One tuning image: its set, group (stage), the network's maps and the truth of one class."""
+
+    set: str
+    group: str
+    field: object
+    profile: object
+    maps: dict[str, np.ndarray]
+    spacing: tuple[float, float, float]
+    truth: np.ndarray
+    nucleus_diameter: float | None = None
+
+
+def _seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    try:
+        return list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a seed range; give FIRST-LAST, e.g. 1100-1115"
+        ) from None
+
+
+def _cache(
+    model, s, profile, set_name: str, cls_name: str, diameter: float | None = None
+) -> Cached:
+    """The maps of one image (for nuclei without the cluster maps, which nuclei do not depend on)."""
+    from islet_imaging.models.inference import predict_field_maps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DSB images have no pixel size: warned, expected
+        maps, spacing = predict_field_maps(
+            s.field, profile, model, nucleus_diameter_um=diameter, dtype=np.float16
+        )
+    if cls_name == "nuclei":
+        maps = {k: v for k, v in maps.items() if k.startswith("nuclei_")}
+    truth = getattr(s, cls_name)
+    return Cached(set_name, profile.short_name, s.field, profile, maps, spacing, truth, diameter)
+
+
+def tuning_maps(model, args: argparse.Namespace, cls_name: str) -> list[Cached]:
+    """Network maps of the tuning images of one class (see the module docstring)."""
+    from islet_imaging.stages import BUILTIN_STAGES
+    from islet_imaging.synth import generate_field
+
+    rng = np.random.default_rng(0)
+    cached = []
+    for profile in BUILTIN_STAGES:
+        if cls_name == "clusters" and profile.cluster_kind == "monolayer-patch":
+            continue
+        for seed in args.seeds:
+            px = float(rng.uniform(*args.pixel_size_range))
+            s = generate_field(profile.name, seed=seed, size=args.size, pixel_size_um=px)
+            cached.append(_cache(model, s, profile, "synthetic 2D", cls_name))
+        if cls_name == "nuclei" and profile.cluster_kind == "aggregate":
+            for seed in args.seeds[: args.n_3d]:
+                px = float(rng.uniform(*args.pixel_size_range))
+                s = generate_field(
+                    profile.name, seed=seed, size=args.size // 2, z=5, pixel_size_um=px
+                )
+                cached.append(_cache(model, s, profile, "synthetic 3D", cls_name))
+        log.info("%s: maps of the tuning fields", profile.short_name)
+    if cls_name == "nuclei":
+        cached += dsb_maps(model, args.dsb)
+    return cached
+
+
+def dsb_maps(model, root: Path) -> list[Cached]:
+    """Maps of the DSB 2018 ``val`` split (none when ``root`` is absent)."""
+    from islet_imaging.io import read_field, read_labels
+    from islet_imaging.models.classical import estimate_nucleus_diameter
+    from islet_imaging.stages import get_stage
+
+    if not (root / "split.csv").is_file():
+        log.warning("%s not found: tuning without DSB 2018 val", root)
+        return []
+    with (root / "split.csv").open(newline="") as fh:
+        ids = [r["id"] for r in csv.DictReader(fh) if r["split"] == "val"]
+    profile = get_stage("S1")  # the stage benchmarks/accuracy.py scores DSB images with
+    out = []
+    for image_id in ids:
+        fld = read_field(root / "images" / f"{image_id}.png", channel_names=("DAPI",))
+        image = _Image(fld, read_labels(root / "masks" / f"{image_id}.tif"))
+        diameter = estimate_nucleus_diameter(fld.data[0, 0])
+        out.append(_cache(model, image, profile, "DSB 2018 val", "nuclei", diameter))
+    log.info("DSB 2018 val: maps of %d images", len(out))
+    return out
+
+
+class _Image(NamedTuple):
+    field: object
+    nuclei: np.ndarray
+
+
+def pooled_ap(
+    cached: list[Cached], model, thresholds, cls_name: str
+) -> dict[str, tuple[float, float]]:
+    """Pooled AP@0.5 and AP@0.75 per set, per group of the first set, and over all (``"all"``)."""
+    from islet_imaging.metrics import match_dataset
+    from islet_imaging.models.inference import field_instances
+
+    pairs: dict[str, list] = defaultdict(list)
+    first = cached[0].set
+    for c in cached:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nuclei, clusters = field_instances(
+                c.maps,
+                c.spacing,
+                c.field,
+                c.profile,
+                model,
+                thresholds=thresholds,
+                nucleus_diameter_um=c.nucleus_diameter,
+            )
+        pair = (c.truth, nuclei if cls_name == "nuclei" else clusters)
+        pairs[c.set].append(pair)
+        if c.set == first:
+            pairs[c.group].append(pair)
+        pairs["all"].append(pair)
+    return {
+        k: tuple(float(r.ap) for r in match_dataset(v, thresholds=(0.5, 0.75)))
+        for k, v in pairs.items()
+    }
+
+
+def search(
+    cached: list[Cached], candidates: list[dict[str, float]], model, base, cls_name: str
+) -> dict[str, float]:
+    """Print the AP of every candidate (a markdown table) and return the best one.
+
+    One set: its pooled AP@0.5 (ties: AP@0.75), with a column per stage. Several sets: the mean
+    over the sets of their pooled AP@0.5 (ties: the mean AP@0.75). Last tie-break: the candidate
+    closest to the current values.
+    """
+    results = [
+        pooled_ap(cached, model, dataclasses.replace(base, **c), cls_name) for c in candidates
+    ]
+    sets = list(dict.fromkeys(c.set for c in cached))
+    cols = [k for k in results[0] if k != "all" and k not in sets] if len(sets) == 1 else sets
+
+    def score(row: dict[str, tuple[float, float]]) -> tuple[float, ...]:
+        return tuple(round(float(np.mean([row[s][i] for s in sets])), 4) for i in (0, 1))
+
+    names = list(candidates[0])
+    current = {n: getattr(base, n) for n in names}
+    if current.get("nuclei_seed_3d", 0.0) is None:
+        current["nuclei_seed_3d"] = base.nuclei_seed
+    print(f"\n{' + '.join(sets)}:")
+    header = [*names, *(f"{c} AP@0.5" for c in cols), "AP@0.5", "AP@0.75"]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
+    for cand, row in zip(candidates, results, strict=True):
+        values = [f"{cand[n]:g}" for n in names] + [f"{row[c][0]:.3f}" for c in cols]
+        print("| " + " | ".join([*values, *(f"{v:.3f}" for v in score(row))]) + " |")
+    if len(sets) > 1:
+        print(f"(last two columns: the mean over the {len(sets)} sets)")
+    k_best = max(
+        range(len(candidates)),
+        key=lambda k: (
+            score(results[k]),
+            -sum(abs(v - current[n]) for n, v in candidates[k].items()),
+        ),
+    )
+    print(f"best: {candidates[k_best]} (current {current})")
+    return candidates[k_best]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models/default", help="model directory")
+    p.add_argument("--tune", choices=("clusters", "nuclei"), default="clusters")
+    p.add_argument("--seeds", type=_seeds, default=_seeds("1100-1115"), help="e.g. 1100-1115")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--pixel-size-range", type=float, nargs=2, default=(0.5, 0.8))
+    p.add_argument(
+        "--saddles",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
+        help="clusters_saddle candidates (--tune clusters)",
+    )
+    p.add_argument(
+        "--cluster-foregrounds",
+        type=float,
+        nargs="+",
+        help="clusters_foreground candidates (--tune clusters; default: the current value)",
+    )
+    p.add_argument(
+        "--foregrounds",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.4, 0.5],
+        help="nuclei_foreground candidates (--tune nuclei)",
+    )
+    p.add_argument(
+        "--seed-levels",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.55, 0.6, 0.65],
+        help="nuclei_seed candidates (--tune nuclei)",
+    )
+    p.add_argument(
+        "--seed-levels-3d",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.65, 0.7, 0.75],
+        help="nuclei_seed_3d candidates (--tune nuclei)",
+    )
+    p.add_argument("--n-3d", type=int, default=4, help="z-stacks per aggregate stage (nuclei)")
+    p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
+    p.add_argument("--write", action="store_true", help="write the best values to thresholds.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from islet_imaging.errors import InputError
+    from islet_imaging.models import load_model
+
+    try:
+        model = load_model(Path(args.model))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    base = model.thresholds
+    cached = tuning_maps(model, args, args.tune)
+    if args.tune == "clusters":
+        grid = itertools.product(
+            args.cluster_foregrounds or [base.clusters_foreground], args.saddles
+        )
+        best = search(
+            cached,
+            [{"clusters_foreground": fg, "clusters_saddle": v} for fg, v in grid],
+            model,
+            base,
+            "clusters",
+        )
+    else:
+        flat = [c for c in cached if c.set != "synthetic 3D"]
+        grid = itertools.product(args.foregrounds, args.seed_levels)
+        best = search(
+            flat,
+            [{"nuclei_foreground": fg, "nuclei_seed": seed} for fg, seed in grid],
+            model,
+            base,
+            "nuclei",
+        )
+        stacks = [c for c in cached if c.set == "synthetic 3D"]
+        best |= search(
+            stacks,
+            [{"nuclei_seed_3d": v} for v in args.seed_levels_3d],
+            model,
+            dataclasses.replace(base, **best),
+            "nuclei",
+        )
+    if args.write:
+        from islet_imaging.models._modeldir import write_thresholds
+
+        path = write_thresholds(args.model, dataclasses.replace(base, **best))
+        print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
