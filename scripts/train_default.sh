@@ -11,6 +11,8 @@
 # 2. Stage 1: from scratch, 12 epochs x 150 steps, peak lr 3e-3  -> runs/default_stage1
 #    Stage 2: the same data from the stage-1 weights, 12 x 150 steps, peak lr 1e-3 -> models/default
 #    Checkpoints and train_log.csv in runs/default_stage{1,2}.run/.
+# 3. scripts/tune_postprocess.py: clusters_saddle, then nuclei_foreground / nuclei_seed /
+#    nuclei_seed_3d, written to $OUT/thresholds.json.
 #
 # Provenance of the shipped weights: stage 1 is the model shipped before (commit 07d2ab8, the
 # stage-1 command below but with the data of that time, whose synthetic truth still had a few
@@ -30,7 +32,7 @@ if [ ! -f $D/synth_train/metadata.csv ] || [ ! -f $D/dsb_train/metadata.csv ]; t
         --pixel-size-range 0.5 0.85 --nucleus-diameter-um 8.5
 fi
 
-export ISLET_TRAIN_COMMAND="bash scripts/train_default.sh   # = $PY -m islet_imaging -v train, twice (stage 1 from scratch, stage 2 from stage 1; options in scripts/train_default.sh)"
+export ISLET_TRAIN_COMMAND="bash scripts/train_default.sh   # = $PY -m islet_imaging -v train, twice (stage 1 from scratch, stage 2 from stage 1), then scripts/tune_postprocess.py for clusters and nuclei; options in scripts/train_default.sh"
 export ISLET_TRAIN_DATA="Synthetic fields from islet_imaging.synth for all 8 stages (S0 iPSC, S1 DE, eESC, S2 PGT, S3 PFG, S4 PP, S5 EP, S6 SC-islet): 48 2D fields of 384x384 px per stage plus 8 z-stacks (5 planes, 2 µm apart, used plane by plane) per aggregate stage (S4-S6), seeds 0-999, pixel sizes drawn uniformly in 0.5-0.85 µm and rescaled to the model's 0.65 µm (504 training planes); nuclei and cluster labels. Plus the 439 'train' images of DSB 2018 fluorescence nuclei (BBBC038, CC0; nuclei labels only, the cluster head is masked), each rescaled so its median nucleus (equivalent diameter from its own mask) is 8.5 µm at 0.65 µm/px. Sampling: 65 % synthetic, 35 % DSB. Validation / threshold tuning: synthetic seeds 1000-1099 (4 2D fields per stage + 2 z-stacks per aggregate stage) and the 42 DSB 'val' images. Held out, never used: synthetic seeds >= 9000 and the DSB 'test' split (benchmarks/accuracy.py)."
 export ISLET_TRAIN_LIMITATIONS="Trained on synthetic fields plus DSB 2018 nuclei only: no real SC-islet / differentiation images with cluster annotations were available, so cluster accuracy on real aggregates is unmeasured. 2D network: z-stacks are predicted plane by plane and joined in 3D by the post-processing. Validation metrics above are on the set the thresholds were tuned on (optimistic); held-out figures are in benchmarks/README.md. Images without a pixel size are rescaled from a nucleus diameter estimated from the image; give --nucleus-diameter (px) when known. Very dense 3D aggregates imaged in widefield (strong haze) and nuclei far outside 4-18 µm are outside the training distribution."
 
@@ -46,6 +48,12 @@ if [ "$STAGE" = 1 ]; then
         --model-config '{"name": "default", "base_channels": 16, "depth": 5, "max_channels": 128, "distance_cap_px": {"nuclei": null, "clusters": 40.0}, "typical_nucleus_diameter_um": 8.5, "cluster_split": "combined", "description": "Default islet-imaging model: nuclei and clusters (colonies, monolayer patches, aggregates) of every stage from iPSC to SC-islet, in fluorescence images with a nuclear stain."}' \
         "$@"
 fi
-exec nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
+nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
     --out "$OUT" --init runs/default_stage1 --run-dir runs/default_stage2.run --lr 1e-3 \
     "$@"
+
+# 3. Post-processing thresholds that `train` does not tune, on tuning fields (seeds 1100-1115)
+#    and DSB val (~8 min): the cluster split's saddle depth, then the nuclear levels.
+"$PY" scripts/tune_postprocess.py --model "$OUT" --saddles 0.05 0.1 0.15 0.2 0.25 0.3 --write
+"$PY" scripts/tune_postprocess.py --model "$OUT" --tune nuclei --dsb "$DSB" \
+    --foregrounds 0.3 0.35 0.4 0.45 0.5 --write

@@ -172,6 +172,11 @@ def pooled_ap(
     }
 
 
+def _grid(axes: dict[str, list[float]]) -> list[dict[str, float]]:
+    """Every combination of the candidate values of each threshold."""
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
 def search(
     cached: list[Cached], candidates: list[dict[str, float]], model, base, cls_name: str
 ) -> dict[str, float]:
@@ -221,40 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=_seeds, default=_seeds("1100-1115"), help="e.g. 1100-1115")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--pixel-size-range", type=float, nargs=2, default=(0.5, 0.8))
-    p.add_argument(
-        "--saddles",
-        type=float,
-        nargs="+",
-        default=[0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
-        help="clusters_saddle candidates (--tune clusters)",
-    )
-    p.add_argument(
-        "--cluster-foregrounds",
-        type=float,
-        nargs="+",
-        help="clusters_foreground candidates (--tune clusters; default: the current value)",
-    )
-    p.add_argument(
-        "--foregrounds",
-        type=float,
-        nargs="+",
-        default=[0.3, 0.4, 0.5],
-        help="nuclei_foreground candidates (--tune nuclei)",
-    )
-    p.add_argument(
-        "--seed-levels",
-        type=float,
-        nargs="+",
-        default=[0.5, 0.55, 0.6, 0.65],
-        help="nuclei_seed candidates (--tune nuclei)",
-    )
-    p.add_argument(
-        "--seed-levels-3d",
-        type=float,
-        nargs="+",
-        default=[0.6, 0.65, 0.7, 0.75],
-        help="nuclei_seed_3d candidates (--tune nuclei)",
-    )
+    for flag, default, what in (
+        ("--saddles", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5], "clusters_saddle"),
+        ("--cluster-foregrounds", None, "clusters_foreground (default: current)"),
+        ("--foregrounds", [0.3, 0.4, 0.5], "nuclei_foreground"),
+        ("--seed-levels", [0.5, 0.55, 0.6, 0.65], "nuclei_seed"),
+        ("--seed-levels-3d", [0.6, 0.65, 0.7, 0.75], "nuclei_seed_3d"),
+    ):
+        name, _, note = what.partition(" ")
+        mode = name.partition("_")[0]
+        p.add_argument(
+            flag,
+            type=float,
+            nargs="+",
+            default=default,
+            help=f"{name} candidates (--tune {mode}) {note}".rstrip(),
+        )
     p.add_argument("--n-3d", type=int, default=4, help="z-stacks per aggregate stage (nuclei)")
     p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
     p.add_argument("--write", action="store_true", help="write the best values to thresholds.json")
@@ -272,34 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     base = model.thresholds
     cached = tuning_maps(model, args, args.tune)
     if args.tune == "clusters":
-        grid = itertools.product(
-            args.cluster_foregrounds or [base.clusters_foreground], args.saddles
-        )
-        best = search(
-            cached,
-            [{"clusters_foreground": fg, "clusters_saddle": v} for fg, v in grid],
-            model,
-            base,
-            "clusters",
-        )
+        fgs = args.cluster_foregrounds or [base.clusters_foreground]
+        axes = {"clusters_foreground": fgs, "clusters_saddle": args.saddles}
+        best = search(cached, _grid(axes), model, base, "clusters")
     else:
         flat = [c for c in cached if c.set != "synthetic 3D"]
-        grid = itertools.product(args.foregrounds, args.seed_levels)
-        best = search(
-            flat,
-            [{"nuclei_foreground": fg, "nuclei_seed": seed} for fg, seed in grid],
-            model,
-            base,
-            "nuclei",
-        )
+        axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}
+        best = search(flat, _grid(axes), model, base, "nuclei")
         stacks = [c for c in cached if c.set == "synthetic 3D"]
-        best |= search(
-            stacks,
-            [{"nuclei_seed_3d": v} for v in args.seed_levels_3d],
-            model,
-            dataclasses.replace(base, **best),
-            "nuclei",
-        )
+        axes = {"nuclei_seed_3d": args.seed_levels_3d}
+        best |= search(stacks, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
     if args.write:
         from islet_imaging.models._modeldir import write_thresholds
 
