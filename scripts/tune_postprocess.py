@@ -13,9 +13,10 @@ AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current 
 ``--seed-levels``, on two sets of 2D images: fields of all 8 stages, and the DSB 2018
 fluorescence ``val`` split (``--dsb``; skipped when absent), each image rescaled by its
 estimated nucleus diameter as in ``benchmarks/accuracy.py``. Best: the mean over the sets of
-the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then, at that foreground level,
-``nuclei_seed_3d`` over ``--seed-levels-3d`` on z-stacks (5 planes 2 µm apart) of the
-aggregate stages, from the first ``--n-3d`` seeds: the best pooled AP@0.5.
+the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then the z-stack levels
+``nuclei_foreground_3d`` × ``nuclei_seed_3d`` over ``--foregrounds-3d`` × ``--seed-levels-3d``
+on z-stacks (5 planes 2 µm apart) of the aggregate stages, from the first ``--n-3d`` seeds: the
+best pooled AP@0.5 (ties: AP@0.75).
 
 Synthetic tuning fields: seeds ``--seeds`` (default 1100-1115: neither training seeds 0-1099
 nor the held-out benchmark seeds >= 9000), ``--size``² px, each at a pixel size drawn uniformly
@@ -197,8 +198,9 @@ def search(
 
     names = list(candidates[0])
     current = {n: getattr(base, n) for n in names}
-    if current.get("nuclei_seed_3d", 0.0) is None:
-        current["nuclei_seed_3d"] = base.nuclei_seed
+    for n in names:  # an unset z-stack level is the 2D one
+        if current[n] is None:
+            current[n] = getattr(base, n.removesuffix("_3d"))
     print(f"\n{' + '.join(sets)}:")
     header = [*names, *(f"{c} AP@0.5" for c in cols), "AP@0.5", "AP@0.75"]
     print("| " + " | ".join(header) + " |")
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--cluster-foregrounds", None, "clusters_foreground (default: current)"),
         ("--foregrounds", [0.3, 0.4, 0.5], "nuclei_foreground"),
         ("--seed-levels", [0.5, 0.55, 0.6, 0.65], "nuclei_seed"),
+        ("--foregrounds-3d", [0.3, 0.4, 0.5], "nuclei_foreground_3d"),
         ("--seed-levels-3d", [0.6, 0.65, 0.7, 0.75], "nuclei_seed_3d"),
     ):
         name, _, note = what.partition(" ")
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}
         best = search(flat, _grid(axes), model, base, "nuclei")
         stacks = [c for c in cached if c.set == "synthetic 3D"]
-        axes = {"nuclei_seed_3d": args.seed_levels_3d}
+        axes = {"nuclei_foreground_3d": args.foregrounds_3d, "nuclei_seed_3d": args.seed_levels_3d}
         best |= search(stacks, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
     if args.write:
         from islet_imaging.models._modeldir import write_thresholds

@@ -429,10 +429,27 @@ def test_nuclei_seed_3d_applies_to_z_stacks_only() -> None:
     assert one.max() == 1
 
 
-def test_nuclei_seed_3d_is_optional_and_checked() -> None:
-    assert Thresholds.from_dict({"nuclei_seed_3d": None}).nuclei_seed_3d is None
-    assert Thresholds.from_dict({"nuclei_seed_3d": 0.7}).to_dict()["nuclei_seed_3d"] == 0.7
-    with pytest.raises(ModelError, match="nuclei_seed_3d"):
-        Thresholds(nuclei_seed_3d=1.5)
-    with pytest.raises(ModelError, match="nuclei_seed="):
-        Thresholds(nuclei_seed=None)  # type: ignore[arg-type]
+def test_nuclei_foreground_3d_applies_to_z_stacks_only() -> None:
+    """A nucleus whose out-of-focus planes have probability 0.35: part of it at a 2D level of
+    0.3, not at a z-stack level of 0.5."""
+    fg = np.zeros((5, 20, 20), np.float32)
+    fg[1:4, 5:15, 5:15] = 0.35
+    fg[2, 5:15, 5:15] = 0.9
+    th = Thresholds(nuclei_foreground=0.3, nuclei_foreground_3d=0.5)
+    assert th.for_class("nuclei", z_stack=True)["foreground"] == 0.5
+    assert th.for_class("clusters", z_stack=True) == th.for_class("clusters")
+    nuc, _ = maps_to_instances({"nuclei_foreground": fg}, thresholds=th, spacing=(1, 1, 1))
+    assert nuc.max() == 1
+    assert np.flatnonzero(nuc.any(axis=(1, 2))).tolist() == [2]
+    nuc2d, _ = maps_to_instances({"nuclei_foreground": fg[1]}, thresholds=th)
+    assert nuc2d.max() == 1
+
+
+@pytest.mark.parametrize("name", ["nuclei_foreground_3d", "nuclei_seed_3d"])
+def test_z_stack_levels_are_optional_and_checked(name: str) -> None:
+    assert getattr(Thresholds.from_dict({name: None}), name) is None
+    assert Thresholds.from_dict({name: 0.7}).to_dict()[name] == 0.7
+    with pytest.raises(ModelError, match=name):
+        Thresholds(**{name: 1.5})
+    with pytest.raises(ModelError, match=name.removesuffix("_3d") + "="):  # the 2D one is not
+        Thresholds(**{name.removesuffix("_3d"): None})

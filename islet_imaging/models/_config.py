@@ -56,6 +56,10 @@ def _reject_unknown_keys(d: Mapping[str, Any], cls: type, what: str, where: str 
         raise ModelError(f"{_where(where)}unknown {what} keys {unknown}; known: {sorted(known)}")
 
 
+#: Thresholds that may be ``None`` (then the 2D level applies).
+_OPTIONAL = frozenset({"nuclei_foreground_3d", "nuclei_seed_3d"})
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Post-processing thresholds, per object class.
@@ -68,10 +72,11 @@ class Thresholds:
         Level of the predicted distance map (0..1) above which a pixel is part of an object's
         seed ("core"); each connected core becomes one object, grown by watershed on the
         negative distance inside the foreground. Higher values split touching objects more.
-    nuclei_seed_3d : float or None
-        ``nuclei_seed`` of z-stacks, whose cores are joined across planes (so a lower level
-        chains neighbouring nuclei more readily than in 2D); ``None``: the same as
-        ``nuclei_seed``.
+    nuclei_foreground_3d, nuclei_seed_3d : float or None
+        ``nuclei_foreground`` and ``nuclei_seed`` of z-stacks, whose planes are predicted one
+        by one and joined in 3D: out-of-focus light above and below a nucleus lengthens it in z
+        at a low foreground level, and cores joined across planes chain neighbouring nuclei at
+        a low seed level. ``None``: the 2D level.
     nuclei_min_seed_fraction, clusters_min_seed_fraction : float
         Cores smaller than this fraction of the smallest allowed object are not seeds (their
         pixels join a neighbouring object). Suppresses over-splitting on noisy distance maps.
@@ -92,6 +97,7 @@ class Thresholds:
 
     nuclei_foreground: float = 0.5
     nuclei_seed: float = 0.5
+    nuclei_foreground_3d: float | None = None
     nuclei_seed_3d: float | None = None
     nuclei_min_seed_fraction: float = 0.1
     nuclei_merge: float = 1.0
@@ -105,7 +111,7 @@ class Thresholds:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "nuclei_seed_3d":
+            if value is None and f.name in _OPTIONAL:
                 continue
             if (
                 isinstance(value, bool)
@@ -119,16 +125,17 @@ class Thresholds:
 
     def for_class(self, name: str, *, z_stack: bool = False) -> dict[str, float]:
         """``{"foreground", "seed", "min_seed_fraction", "merge"}`` of ``"nuclei"`` or
-        ``"clusters"`` (of a z-stack: with ``nuclei_seed_3d`` when set)."""
-        seed = getattr(self, f"{name}_seed")
-        if z_stack and name == "nuclei" and self.nuclei_seed_3d is not None:
-            seed = self.nuclei_seed_3d
-        return {
-            "foreground": getattr(self, f"{name}_foreground"),
-            "seed": seed,
-            "min_seed_fraction": getattr(self, f"{name}_min_seed_fraction"),
-            "merge": getattr(self, f"{name}_merge"),
+        ``"clusters"`` (of a z-stack: with the ``nuclei_*_3d`` levels that are set)."""
+        out = {
+            key: getattr(self, f"{name}_{key}")
+            for key in ("foreground", "seed", "min_seed_fraction", "merge")
         }
+        if z_stack:
+            for key in ("foreground", "seed"):
+                value = getattr(self, f"{name}_{key}_3d", None)
+                if value is not None:
+                    out[key] = value
+        return out
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
