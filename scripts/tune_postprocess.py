@@ -144,11 +144,14 @@ class _Image(NamedTuple):
 def pooled_ap(
     cached: list[Cached], model, thresholds, cls_name: str
 ) -> dict[str, tuple[float, float]]:
-    """Pooled AP@0.5 and AP@0.75 per set, per group of the first set, and over all (``"all"``)."""
-    from islet_imaging.metrics import match_dataset
+    """Pooled AP@0.5 and AP@0.75 per set and per group (stage) of the first set.
+
+    Each image is matched once; its matching is pooled into its set and its group.
+    """
+    from islet_imaging.metrics import match, pool_matchings
     from islet_imaging.models.inference import field_instances
 
-    pairs: dict[str, list] = defaultdict(list)
+    per_key: dict[str, list] = defaultdict(list)
     first = cached[0].set
     for c in cached:
         with warnings.catch_warnings():
@@ -162,14 +165,13 @@ def pooled_ap(
                 thresholds=thresholds,
                 nucleus_diameter_um=c.nucleus_diameter,
             )
-        pair = (c.truth, nuclei if cls_name == "nuclei" else clusters)
-        pairs[c.set].append(pair)
+        m = match(c.truth, nuclei if cls_name == "nuclei" else clusters, thresholds=(0.5, 0.75))
+        per_key[c.set].append(m)
         if c.set == first:
-            pairs[c.group].append(pair)
-        pairs["all"].append(pair)
+            per_key[c.group].append(m)
     return {
-        k: tuple(float(r.ap) for r in match_dataset(v, thresholds=(0.5, 0.75)))
-        for k, v in pairs.items()
+        k: tuple(float(pool_matchings([img[i] for img in v]).ap) for i in (0, 1))
+        for k, v in per_key.items()
     }
 
 
@@ -191,7 +193,7 @@ def search(
         pooled_ap(cached, model, dataclasses.replace(base, **c), cls_name) for c in candidates
     ]
     sets = list(dict.fromkeys(c.set for c in cached))
-    cols = [k for k in results[0] if k != "all" and k not in sets] if len(sets) == 1 else sets
+    cols = [k for k in results[0] if k not in sets] if len(sets) == 1 else sets
 
     def score(row: dict[str, tuple[float, float]]) -> tuple[float, ...]:
         return tuple(round(float(np.mean([row[s][i] for s in sets])), 4) for i in (0, 1))
