@@ -11,8 +11,9 @@
 # 2. Stage 1: from scratch, 12 epochs x 150 steps, peak lr 3e-3  -> runs/default_stage1
 #    Stage 2: the same data from the stage-1 weights, 12 x 150 steps, peak lr 1e-3 -> models/default
 #    Checkpoints and train_log.csv in runs/default_stage{1,2}.run/.
-# 3. scripts/tune_postprocess.py: clusters_saddle, then nuclei_foreground / nuclei_seed /
-#    nuclei_seed_3d, written to $OUT/thresholds.json.
+# 3. scripts/tune_postprocess.py: clusters_saddle, then nuclei_foreground / nuclei_seed and the
+#    z-stack levels nuclei_foreground_3d / nuclei_seed_3d / nuclei_end_plane_3d, written to
+#    $OUT/thresholds.json.
 #
 # Provenance of the shipped weights: stage 1 is the model shipped before (commit 07d2ab8, the
 # stage-1 command below but with the data of that time, whose synthetic truth still had a few

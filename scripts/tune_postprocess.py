@@ -14,8 +14,8 @@ AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current 
 fluorescence ``val`` split (``--dsb``; skipped when absent), each image rescaled by its
 estimated nucleus diameter as in ``benchmarks/accuracy.py``. Best: the mean over the sets of
 the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then the z-stack levels
-``nuclei_foreground_3d`` × ``nuclei_seed_3d`` over ``--foregrounds-3d`` × ``--seed-levels-3d``
-on z-stacks (5 planes 2 µm apart) of the aggregate stages, from the first ``--n-3d`` seeds: the
+``nuclei_foreground_3d`` × ``nuclei_seed_3d`` × ``nuclei_end_plane_3d`` over
+``--foregrounds-3d`` × ``--seed-levels-3d`` × ``--end-planes-3d`` on z-stacks (5 planes 2 µm apart) of the aggregate stages, from the first ``--n-3d`` seeds: the
 best pooled AP@0.5 (ties: AP@0.75).
 
 Synthetic tuning fields: seeds ``--seeds`` (default 1100-1115: neither training seeds 0-1099
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--seed-levels", [0.5, 0.55, 0.6, 0.65], "nuclei_seed"),
         ("--foregrounds-3d", [0.3, 0.4, 0.5], "nuclei_foreground_3d"),
         ("--seed-levels-3d", [0.6, 0.65, 0.7, 0.75], "nuclei_seed_3d"),
+        ("--end-planes-3d", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "nuclei_end_plane_3d"),
     ):
         name, _, note = what.partition(" ")
         mode = name.partition("_")[0]
@@ -272,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}
         best = search(flat, _grid(axes), model, base, "nuclei")
         stacks = [c for c in cached if c.set == "synthetic 3D"]
-        axes = {"nuclei_foreground_3d": args.foregrounds_3d, "nuclei_seed_3d": args.seed_levels_3d}
+        axes = {
+            "nuclei_foreground_3d": args.foregrounds_3d,
+            "nuclei_seed_3d": args.seed_levels_3d,
+            "nuclei_end_plane_3d": args.end_planes_3d,
+        }
         best |= search(stacks, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
     if args.write:
         from islet_imaging.models._modeldir import write_thresholds

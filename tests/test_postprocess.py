@@ -453,3 +453,42 @@ def test_z_stack_levels_are_optional_and_checked(name: str) -> None:
         Thresholds(**{name: 1.5})
     with pytest.raises(ModelError, match=name.removesuffix("_3d") + "="):  # the 2D one is not
         Thresholds(**{name.removesuffix("_3d"): None})
+
+
+def test_trim_end_planes_drops_small_tails_only() -> None:
+    """Two objects by hand: end planes below 25 % of the largest plane go, one after the other
+    from each end; a narrow plane between two wide ones (a waist) stays, and so does 2D."""
+    from islet_imaging.models._postprocess import trim_end_planes
+
+    lab = np.zeros((7, 12, 24), np.int32)
+    lab[0, 5, 5] = 1  # bottom tail: 1 px, then 2 px
+    lab[1, 5, 5:7] = 1
+    lab[2:5, 2:10, 2:10] = 1  # 64 px planes
+    lab[5, 4:7, 4:7] = 1  # top tail: 9 px (below 16), then 4 px
+    lab[6, 4:6, 4:6] = 1
+    lab[1:6, 2:10, 14:22] = 2
+    lab[3, 2:10, 14:22] = 0
+    lab[3, 5:7, 17:19] = 2  # a 4 px waist between two 64 px planes: not an end
+    out = trim_end_planes(lab.copy(), 0.25)
+    assert (out == 1).sum(axis=(1, 2)).tolist() == [0, 0, 64, 64, 64, 0, 0]
+    assert ((out == 2) == (lab == 2)).all()
+    assert (trim_end_planes(lab.copy(), 0.0) == lab).all()
+    flat = lab[2:3].copy()
+    assert (trim_end_planes(flat, 0.9) == lab[2:3]).all()
+
+
+def test_nuclei_end_plane_3d_trims_z_stacks_through_the_thresholds() -> None:
+    """A nucleus over 3 planes with a faint 1-plane tail of 4 px: kept at 0, gone at 0.2;
+    older thresholds files without the key keep every plane."""
+    fg = np.zeros((5, 20, 20), np.float32)
+    fg[1:4, 5:15, 5:15] = 0.9
+    fg[4, 9:11, 9:11] = 0.9
+    maps = {"nuclei_foreground": fg}
+    assert Thresholds.from_dict({}).nuclei_end_plane_3d == 0.0
+    for level, planes in ((0.0, [1, 2, 3, 4]), (0.2, [1, 2, 3])):
+        th = Thresholds(nuclei_end_plane_3d=level)
+        nuc, _ = maps_to_instances(maps, thresholds=th, spacing=(1, 1, 1))
+        assert nuc.max() == 1
+        assert np.flatnonzero(nuc.any(axis=(1, 2))).tolist() == planes
+    with pytest.raises(ModelError, match="nuclei_end_plane_3d"):
+        Thresholds(nuclei_end_plane_3d=-0.1)

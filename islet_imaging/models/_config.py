@@ -77,6 +77,11 @@ class Thresholds:
         by one and joined in 3D: out-of-focus light above and below a nucleus lengthens it in z
         at a low foreground level, and cores joined across planes chain neighbouring nuclei at
         a low seed level. ``None``: the 2D level.
+    nuclei_end_plane_3d : float
+        z-stacks: a nucleus's top and bottom planes are dropped while their area is below this
+        fraction of its largest plane (the thin tails its out-of-focus light leaves in the
+        planes beyond it; :func:`trim_end_planes
+        <islet_imaging.models._postprocess.trim_end_planes>`). ``0`` keeps every plane.
     nuclei_min_seed_fraction, clusters_min_seed_fraction : float
         Cores smaller than this fraction of the smallest allowed object are not seeds (their
         pixels join a neighbouring object). Suppresses over-splitting on noisy distance maps.
@@ -99,6 +104,7 @@ class Thresholds:
     nuclei_seed: float = 0.5
     nuclei_foreground_3d: float | None = None
     nuclei_seed_3d: float | None = None
+    nuclei_end_plane_3d: float = 0.0
     nuclei_min_seed_fraction: float = 0.1
     nuclei_merge: float = 1.0
     clusters_foreground: float = 0.5

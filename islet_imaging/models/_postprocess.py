@@ -48,6 +48,7 @@ __all__ = [
     "maps_to_instances",
     "object_size_range",
     "shape_split_instances",
+    "trim_end_planes",
 ]
 
 #: Ways to split touching clusters (see :func:`maps_to_instances`).
@@ -92,6 +93,7 @@ def instances_from_maps(
     max_size: float = math.inf,
     min_seed_size: float = 0.0,
     merge_threshold: float = 1.0,
+    end_plane_fraction: float = 0.0,
 ) -> np.ndarray:
     """Instances of one class from its foreground probability and distance maps.
 
@@ -111,6 +113,10 @@ def instances_from_maps(
         boundary (the lower of the two pixels' values) exceeds this level: a true contact between
         two objects lies in a valley of the distance map, a neck inside one object does not.
         ``1.0`` never merges.
+    end_plane_fraction : float
+        z-stacks: the top and bottom planes of each object are dropped, one after the other,
+        while their area is below this fraction of the object's largest plane
+        (:func:`trim_end_planes`). ``0`` keeps every plane.
 
     Returns
     -------
@@ -165,7 +171,54 @@ def instances_from_maps(
                 next_label += ws_ids.size
                 region[mask] = new[ws_inv.ravel()]
         del cores
+    if end_plane_fraction > 0 and labels.ndim == 3 and labels.shape[0] > 1:
+        trim_end_planes(labels, end_plane_fraction)
     return _finish(labels, min_size, max_size)
+
+
+def trim_end_planes(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """In place: drop each 3D object's top and bottom planes while they are small.
+
+    From each end of an object in z, its planes are cleared one after the other while their
+    area is below ``fraction`` of the object's largest plane. Planes are predicted one by one,
+    and the out-of-focus light of a nucleus gives it thin tails in the planes above and below
+    it, which this removes; a nucleus's own end sections are larger. Only the ends are
+    trimmed (a narrow plane between two wide ones stays), and objects are never removed.
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) ndarray of int
+        Instance labels, modified in place.
+    fraction : float
+        0..1; ``0`` keeps every plane.
+
+    Returns
+    -------
+    ndarray
+        ``labels``.
+
+    Examples
+    --------
+    >>> lab = np.zeros((4, 6, 6), np.int32)
+    >>> lab[0, 2, 2] = 1; lab[1:3, 1:5, 1:5] = 1; lab[3, 2:4, 2:4] = 1
+    >>> trim_end_planes(lab, 0.2).astype(bool).sum(axis=(1, 2)).tolist()
+    [0, 16, 16, 4]
+    """
+    nz = labels.shape[0]
+    n = int(labels.max())
+    if fraction <= 0 or nz < 2 or n == 0:
+        return labels
+    area = np.stack([np.bincount(labels[z].ravel(), minlength=n + 1) for z in range(nz)], axis=1)
+    big = area >= fraction * area.max(axis=1, keepdims=True)
+    first = big.argmax(axis=1)  # the largest plane is big: every row has one
+    last = nz - 1 - big[:, ::-1].argmax(axis=1)
+    planes = np.arange(nz)
+    keep = (planes >= first[:, None]) & (planes <= last[:, None])
+    keep[0] = True
+    for z in range(nz):
+        plane = labels[z]
+        plane[~keep[plane, z]] = 0
+    return labels
 
 
 def _finish(labels: np.ndarray, min_size: float, max_size: float) -> np.ndarray:
@@ -795,6 +848,7 @@ def maps_to_instances(
             max_size=hi,
             min_seed_size=t["min_seed_fraction"] * lo,
             merge_threshold=t["merge"],
+            end_plane_fraction=th.nuclei_end_plane_3d if cls_name == "nuclei" else 0.0,
         )
     clusters = out["clusters"]
     if clusters.any():
