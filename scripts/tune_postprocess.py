@@ -15,8 +15,9 @@ fluorescence ``val`` split (``--dsb``; skipped when absent), each image rescaled
 estimated nucleus diameter as in ``benchmarks/accuracy.py``. Best: the mean over the sets of
 the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then the z-stack levels
 ``nuclei_foreground_3d`` × ``nuclei_seed_3d`` × ``nuclei_end_plane_3d`` over
-``--foregrounds-3d`` × ``--seed-levels-3d`` × ``--end-planes-3d`` on z-stacks (5 planes 2 µm apart) of the aggregate stages, from the first ``--n-3d`` seeds: the
-best pooled AP@0.5 (ties: AP@0.75).
+``--foregrounds-3d`` × ``--seed-levels-3d`` × ``--end-planes-3d`` on z-stacks (5 planes 2 µm
+apart) of the aggregate stages, from the first ``--n-3d`` seeds: the best pooled AP@0.5 (ties:
+AP@0.75).
 
 Synthetic tuning fields: seeds ``--seeds`` (default 1100-1115: neither training seeds 0-1099
 nor the held-out benchmark seeds >= 9000), ``--size``² px, each at a pixel size drawn uniformly
