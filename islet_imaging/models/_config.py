@@ -130,14 +130,16 @@ class Thresholds:
             object.__setattr__(self, f.name, float(value))
 
     def for_class(self, name: str, *, z_stack: bool = False) -> dict[str, float]:
-        """``{"foreground", "seed", "min_seed_fraction", "merge"}`` of ``"nuclei"`` or
-        ``"clusters"`` (of a z-stack: with the ``nuclei_*_3d`` levels that are set)."""
+        """``{"foreground", "seed", "min_seed_fraction", "merge", "end_plane"}`` of ``"nuclei"``
+        or ``"clusters"``; of a z-stack with the ``nuclei_*_3d`` levels that are set
+        (``"end_plane"``: ``nuclei_end_plane_3d`` for nuclei in a z-stack, else 0)."""
         out = {
             key: getattr(self, f"{name}_{key}")
             for key in ("foreground", "seed", "min_seed_fraction", "merge")
         }
+        out["end_plane"] = 0.0
         if z_stack:
-            for key in ("foreground", "seed"):
+            for key in ("foreground", "seed", "end_plane"):
                 value = getattr(self, f"{name}_{key}_3d", None)
                 if value is not None:
                     out[key] = value

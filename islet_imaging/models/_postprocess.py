@@ -171,7 +171,7 @@ def instances_from_maps(
                 next_label += ws_ids.size
                 region[mask] = new[ws_inv.ravel()]
         del cores
-    if end_plane_fraction > 0 and labels.ndim == 3 and labels.shape[0] > 1:
+    if labels.ndim == 3:
         trim_end_planes(labels, end_plane_fraction)
     return _finish(labels, min_size, max_size)
 
@@ -205,8 +205,10 @@ def trim_end_planes(labels: np.ndarray, fraction: float) -> np.ndarray:
     [0, 16, 16, 4]
     """
     nz = labels.shape[0]
+    if fraction <= 0 or nz < 2:
+        return labels
     n = int(labels.max())
-    if fraction <= 0 or nz < 2 or n == 0:
+    if n == 0:
         return labels
     area = np.stack([np.bincount(labels[z].ravel(), minlength=n + 1) for z in range(nz)], axis=1)
     big = area >= fraction * area.max(axis=1, keepdims=True)
@@ -848,7 +850,7 @@ def maps_to_instances(
             max_size=hi,
             min_seed_size=t["min_seed_fraction"] * lo,
             merge_threshold=t["merge"],
-            end_plane_fraction=th.nuclei_end_plane_3d if cls_name == "nuclei" else 0.0,
+            end_plane_fraction=t["end_plane"],
         )
     clusters = out["clusters"]
     if clusters.any():
