@@ -538,6 +538,8 @@ def make_batch(
 
     rng = np.random.default_rng([config.seed, step])
     idx = rng.choice(len(dataset), size=config.batch_size, p=dataset.weights)
+    context = target_context_px(model_config)
+    inner = slice(context, context + config.patch_size)
     images, targets = [], []
     for i in idx:
         item = dataset.images[int(i)]
@@ -547,13 +549,37 @@ def make_batch(
             size=config.patch_size,
             rng=rng,
             augment=augment,
+            context=context,
         )
         images.append(patch)
-        targets.append(_targets_for(nuc, clu, model_config, make_targets, config))
+        maps = _targets_for(nuc, clu, model_config, make_targets, config)
+        targets.append({k: v if v.ndim == 0 else v[inner, inner] for k, v in maps.items()})
     batch: dict[str, np.ndarray] = {"image": np.stack(images)}
     for key in targets[0]:
         batch[key] = np.stack([t[key] for t in targets])
     return batch
+
+
+def target_context_px(model_config: ModelConfig) -> int:
+    """Label context (px) around a training patch that its targets need.
+
+    A distance target near a patch's edge depends on the labels beyond it: up to the distance
+    cap for a capped class, the whole object for a per-object normalised one (taken as three
+    typical nucleus diameters; clusters are always capped in practice). Targets are made on the
+    patch plus this context and then cut to the patch, so the patch's edge is never an object's
+    edge: the network is not taught a distance dip at the edge of its input, which at inference
+    is the field's edge.
+    """
+    from islet_imaging.models._targets import DEFAULT_DISTANCE_CAP_PX
+
+    nucleus_px = model_config.typical_nucleus_diameter_um / model_config.pixel_size_um
+    caps = {**DEFAULT_DISTANCE_CAP_PX, **model_config.distance_cap_px}
+    needed = [
+        3.0 * nucleus_px if caps.get(cls_name) is None else float(caps[cls_name])
+        for cls_name, maps in model_config.heads.items()
+        if "distance" in maps
+    ]
+    return math.ceil(max(needed, default=0.0))
 
 
 def _targets_for(

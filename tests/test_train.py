@@ -35,6 +35,7 @@ from islet_imaging.train import (  # noqa: E402
     main,
     make_batch,
     save_checkpoint,
+    target_context_px,
     touching_boundaries,
     train_one_epoch,
 )
@@ -266,6 +267,69 @@ def test_augmentation_is_reproducible_and_changes_intensity() -> None:
     np.testing.assert_array_equal(a[1][0], b[1][0])
     c = random_patch(img, [lab], size=32, rng=np.random.default_rng(4), augment=aug)
     assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_context_surrounds_the_same_patch(seed: int) -> None:
+    lab = _discs((64, 64), [(32, 32), (6, 6), (50, 14), (14, 58)], 9)
+    img = np.stack([lab.astype(np.float32)])
+    aug = AugmentConfig(scale_jitter=0.3, flips=True)
+    patch, (plab,) = random_patch(img, [lab], size=48, rng=np.random.default_rng(seed), augment=aug)
+    wpatch, (wide, none) = random_patch(
+        img, [lab, None], size=48, rng=np.random.default_rng(seed), augment=aug, context=10
+    )
+    np.testing.assert_array_equal(wpatch, patch)  # the image patch is unchanged
+    assert none is None and wide.shape == (68, 68)
+    np.testing.assert_array_equal(wide[10:58, 10:58], plab)
+
+
+def test_label_context_continues_objects_beyond_the_field_edge() -> None:
+    lab = np.zeros((40, 40), np.int32)
+    lab[:, :20] = 1  # an object cut by the field's left edge, and one by its right edge
+    lab[:, 20:] = 2
+    img = np.zeros((1, 40, 40), np.float32)
+    # a patch larger than the field: where it leaves the field it is background ...
+    _, (wide,) = random_patch(img, [lab], size=48, rng=np.random.default_rng(0), context=6)
+    ring = np.ones(wide.shape, bool)
+    ring[6:54, 6:54] = False
+    assert (wide[~ring] == 0).sum() >= 48 * 48 - 40 * 40
+    # ... but beyond the patch the labels at the field's edge go on
+    assert wide[ring].all()
+    assert set(np.unique(wide[:, 0])) == {1} and set(np.unique(wide[:, -1])) == {2}
+    with pytest.raises(ValueError, match="context"):
+        random_patch(img, [lab], size=8, rng=np.random.default_rng(0), context=-1)
+
+
+def test_patch_edge_is_not_an_object_edge_in_the_targets(tmp_path: Path) -> None:
+    """A cluster filling the whole field has no edge inside any patch: its distance target is at
+    the cap everywhere, not a dip along the patch's (or the field's) edge."""
+    root = _write_dataset(tmp_path / "ds", n=2)
+    for i in (1, 2):
+        write_labels(
+            root / "labels" / f"A0{i}_f1_clusters.tif",
+            np.ones((1, 64, 64), np.int32),
+            overwrite=True,
+        )
+    mc = ModelConfig(**TINY, distance_cap_px={"nuclei": None, "clusters": 6.0})
+    assert target_context_px(mc) == 47  # three nuclei of 10 µm at 0.65 µm/px (uncapped nuclei)
+    cfg = _config(tmp_path, root, patch_size=32)
+    batch = make_batch(
+        get_dataset(cfg.data, mc), step=0, config=cfg, model_config=mc, augment=NO_AUGMENT
+    )
+    assert batch["clusters_distance"].shape == (2, 32, 32)
+    np.testing.assert_array_equal(batch["clusters_distance"], 1.0)
+    # nuclei keep their own edges (each disc peaks at 1 and falls to its rim)
+    nd = batch["nuclei_distance"]
+    assert nd.max() == pytest.approx(1.0) and 0 < nd[nd > 0].min() < 0.5
+
+
+def test_target_context_covers_the_distance_caps() -> None:
+    capped = ModelConfig(**TINY, distance_cap_px={"nuclei": 5.0, "clusters": 40.0})
+    assert target_context_px(capped) == 40
+    nuclei_only = ModelConfig(
+        **TINY, heads={"nuclei": ("foreground",)}, distance_cap_px={"nuclei": None}
+    )
+    assert target_context_px(nuclei_only) == 0  # no distance map: no context needed
 
 
 def test_touching_boundaries_mark_only_gaps_between_objects() -> None:

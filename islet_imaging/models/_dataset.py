@@ -417,6 +417,7 @@ def random_patch(
     rng: np.random.Generator,
     augment: AugmentConfig = NO_AUGMENT,
     background: Iterable[float] | None = None,
+    context: int = 0,
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Cut one ``size × size`` patch with paired augmentation.
 
@@ -435,11 +436,18 @@ def random_patch(
     background : sequence of float, optional
         Per-channel fill value where the patch leaves the image (default: each channel's 1st
         percentile), so padding looks like empty background rather than mirrored objects.
+    context : int
+        Pixels of label context returned on every side of the patch, so that targets made from
+        the labels (distances to an object's edge) see the objects beyond the patch: the patch's
+        edge is not an object's edge. Where the context leaves the image, the labels at the
+        image's edge continue outwards (an object cut by the field's edge goes on beyond it);
+        inside the patch, the parts beyond the image are background, as in the image patch.
 
     Returns
     -------
     patch : (C, size, size) ndarray of float32
-    patch_labels : list of (size, size) int32 ndarray or None
+    patch_labels : list of (size + 2 * context, size + 2 * context) int32 ndarray or None
+        The patch's labels at ``[context:context + size, context:context + size]``.
     """
     c, h, w = image.shape
     scale = 1.0
@@ -467,14 +475,26 @@ def random_patch(
             for i in range(c)
         ]
     )
+    context = int(context)
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    if context:
+        step = 1.0 / scale
+        wide = _grid(
+            (size + 2 * context,) * 2, (y0 - context * step, x0 - context * step), (step,) * 2
+        )
+    inner = slice(context, context + size)
     out_labels: list[np.ndarray | None] = []
     for lab in labels:
         if lab is None:
             out_labels.append(None)
             continue
-        out_labels.append(
-            ndi.map_coordinates(lab, coords, order=0, mode="constant", cval=0).astype(np.int32)
-        )
+        own = ndi.map_coordinates(lab, coords, order=0, mode="constant", cval=0).astype(np.int32)
+        if context:
+            full = ndi.map_coordinates(lab, wide, order=0, mode="nearest").astype(np.int32)
+            full[inner, inner] = own
+            own = full
+        out_labels.append(own)
     if augment.flips:
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
