@@ -19,6 +19,7 @@ from islet_imaging.models._modeldir import (
     MODELS_ENV,
     THRESHOLDS,
     WEIGHTS,
+    average_models,
     clear_model_cache,
     list_models,
     load_model,
@@ -167,3 +168,39 @@ def test_bad_device(tiny_dir: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             load_model(tiny_dir, device="cuda")
+
+
+def test_average_models_is_the_weighted_mean_of_their_weights(tmp_path: Path) -> None:
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(build_network(TINY))
+    a = load_model(save_model(tmp_path / "a", nets[0], TINY), device="cpu")
+    b = load_model(save_model(tmp_path / "b", nets[1], TINY), device="cpu")
+    sa, sb = nets[0].state_dict(), nets[1].state_dict()
+    key = next(k for k, v in sa.items() if v.is_floating_point() and v.numel() > 1)
+    for weights, wa in ((None, 0.5), ((3.0, 1.0), 0.75)):
+        mean = average_models([a, b], weights=weights).state_dict()
+        torch.testing.assert_close(mean[key], wa * sa[key] + (1 - wa) * sb[key])
+    # averaging a model with itself gives it back: same outputs
+    same = average_models([a, a])
+    x = torch.rand(1, 2, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(same(x), a.network(x))
+    # a round trip through a model directory
+    path = save_model(tmp_path / "soup", average_models([a, b]), TINY)
+    assert load_model(path, device="cpu").config == TINY
+
+
+def test_average_models_refuses_what_cannot_be_averaged(tmp_path: Path) -> None:
+    a = load_model(save_model(tmp_path / "a", build_network(TINY), TINY), device="cpu")
+    other = ModelConfig(name="o", base_channels=4, depth=2, max_channels=8, pixel_size_um=0.65)
+    b = load_model(save_model(tmp_path / "b", build_network(other), other), device="cpu")
+    with pytest.raises(ModelError, match=r"differ in \['pixel_size_um'\]"):
+        average_models([a, b])
+    with pytest.raises(ModelError, match="at least two"):
+        average_models([a])
+    with pytest.raises(ModelError, match="non-negative"):
+        average_models([a, a], weights=[1.0, -1.0])
+    with pytest.raises(ModelError, match="non-negative"):
+        average_models([a, a], weights=[1.0])

@@ -63,6 +63,7 @@ _LAZY = {
     "instances_from_maps": "islet_imaging.models._postprocess",
     "border_labels": "islet_imaging.models._postprocess",
     "Model": "islet_imaging.models._modeldir",
+    "average_models": "islet_imaging.models._modeldir",
     "load_model": "islet_imaging.models._modeldir",
     "save_model": "islet_imaging.models._modeldir",
     "write_model_card": "islet_imaging.models._modeldir",

@@ -25,11 +25,12 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -47,6 +48,7 @@ __all__ = [
     "THRESHOLDS",
     "WEIGHTS",
     "Model",
+    "average_models",
     "clear_model_cache",
     "list_models",
     "load_model",
@@ -300,6 +302,68 @@ def save_model(
     clear_model_cache()
     log.info("saved model %r to %s", config.name, directory)
     return directory
+
+
+def average_models(models: Sequence[Model], *, weights: Sequence[float] | None = None) -> UNet:
+    """A network whose weights are the weighted mean of several models' weights.
+
+    Averaging a fine-tuned model with the model it started from ("model soup", Wortsman et al.
+    2022) often keeps what the fine-tuning gained and recovers what it lost. The models must
+    share one lineage in practice (one started from the other); the function checks only that
+    they are interchangeable: the same architecture, inputs, scale and targets.
+
+    Parameters
+    ----------
+    models : sequence of Model
+        At least two loaded models (:func:`load_model`).
+    weights : sequence of float, optional
+        One non-negative weight per model (normalised to sum to 1); default equal weights.
+
+    Returns
+    -------
+    UNet
+        A new network (the last model's config; eval mode, on the CPU). Floating-point
+        tensors are averaged; integer buffers (batch-norm step counts) come from the last model.
+
+    Raises
+    ------
+    ModelError
+        Fewer than two models, weights that do not fit, or models that differ in anything but
+        their name, description and thresholds.
+    """
+    if len(models) < 2:
+        raise ModelError(f"averaging needs at least two models, got {len(models)}")
+    w = np.ones(len(models)) if weights is None else np.asarray(weights, float)
+    if w.shape != (len(models),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ModelError(
+            f"weights {list(np.atleast_1d(w))} must be {len(models)} non-negative numbers "
+            "with a positive sum"
+        )
+    w = w / w.sum()
+
+    def meaning(m: Model) -> dict[str, Any]:
+        d = m.config.to_dict()
+        return {k: v for k, v in d.items() if k not in ("name", "description", "thresholds")}
+
+    ref = models[-1]
+    for m in models[:-1]:
+        if meaning(m) != meaning(ref):
+            diff = sorted(k for k in meaning(ref) if meaning(m).get(k) != meaning(ref)[k])
+            raise ModelError(
+                f"models {m.name!r} and {ref.name!r} cannot be averaged: their configs differ in "
+                f"{diff}; average only models of one architecture, scale and targets"
+            )
+    states = [{k: v.detach().to("cpu") for k, v in m.network.state_dict().items()} for m in models]
+    mean = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            acc = sum(float(wi) * st[key].double() for wi, st in zip(w, states, strict=True))
+            mean[key] = acc.to(last.dtype)
+        else:
+            mean[key] = last.clone()
+    network = build_network(ref.config)
+    network.load_state_dict(mean)
+    return network.eval()
 
 
 def write_thresholds(
