@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# THE command that trains the shipped default model (models/default/), in two stages.
+# THE command that trains the shipped default model (models/default/): three training stages and
+# a weight average.
 #
-#   bash scripts/train_default.sh                # data (~8 min) + stage 1 (~52 min) + stage 2 (~52 min)
-#   STAGE=2 bash scripts/train_default.sh        # stage 2 only, from runs/default_stage1
+#   bash scripts/train_default.sh                # data (~8 min) + 3 stages (~50 min each) + tuning
+#   STAGE=2 bash scripts/train_default.sh        # from stage 2 on, from runs/default_stage1
+#   STAGE=3 bash scripts/train_default.sh        # from stage 3 on, from runs/default_stage2
 #
 # 1. Training / validation data into runs/data_v2 (git-ignored): synthetic fields of all 8 stages
 #    (seeds 0-999 train, 1000-1099 validation; seeds >= 9000 are the held-out benchmark set) and
 #    the DSB 2018 fluorescence nuclei train/val splits (symlinks; the test split is never used).
 #    (runs/data_v2: the synthetic truth after disconnected cluster pieces became their own clusters.)
 # 2. Stage 1: from scratch, 12 epochs x 150 steps, peak lr 3e-3  -> runs/default_stage1
-#    Stage 2: the same data from the stage-1 weights, 12 x 150 steps, peak lr 1e-3 -> models/default
-#    Checkpoints and train_log.csv in runs/default_stage{1,2}.run/.
-# 3. scripts/tune_postprocess.py: clusters_saddle, then nuclei_foreground / nuclei_seed and the
-#    z-stack levels nuclei_foreground_3d / nuclei_seed_3d / nuclei_end_plane_3d, written to
-#    $OUT/thresholds.json.
+#    Stage 2: the same data from the stage-1 weights, 12 x 150 steps, peak lr 1e-3
+#             -> runs/default_stage2, its thresholds tuned (step 3)
+#    Stage 3: the same again from the stage-2 weights -> runs/default_stage4
+#    Checkpoints and train_log.csv in runs/default_stage{1,2,4}.run/.
+#    The shipped weights: the mean of stage 2's and stage 3's (scripts/average_models.py).
+# 3. scripts/tune_postprocess.py: clusters_foreground x clusters_saddle, then nuclei_foreground /
+#    nuclei_seed and the z-stack levels nuclei_foreground_3d / nuclei_seed_3d /
+#    nuclei_end_plane_3d, written to the model's thresholds.json.
 #
-# Provenance of the shipped weights: stage 1 is the model shipped before (commit 07d2ab8, the
-# stage-1 command below but with the data of that time, whose synthetic truth still had a few
-# disconnected cluster pieces); stage 2 ran exactly as below. The --max-minutes 55 safety limit,
-# checked after each 150-step epoch, did not trigger; on a slower machine drop it to reproduce.
+# Provenance of the shipped weights: stage 1 is the model shipped at commit 07d2ab8 (the stage-1
+# command below but with the data of that time, whose synthetic truth still had a few
+# disconnected cluster pieces). Stages 1 and 2 ran before commit a9e64b1, which makes the
+# distance targets on each patch plus label context (before, a patch's edge counted as an
+# object's edge); stage 3 ran with it, exactly as below. Re-running stages 1-2 with the current
+# code therefore gives different weights. The --max-minutes safety limits, checked after each
+# 150-step epoch, did not trigger; on a slower machine drop them to reproduce.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -41,20 +49,33 @@ COMMON=(--data $D/synth_train $D/dsb_train --data-weights 0.65 0.35
         --val $D/synth_val $D/dsb_val --overwrite
         --epochs 12 --steps-per-epoch 150 --patience 0 --batch-size 8 --patch-size 256
         --schedule onecycle --w-clusters 1.0 --scale-jitter 0.2
-        --seed 0 --threads 2 --max-val-images 16 --max-minutes 55 --no-progress)
+        --seed 0 --threads 2 --max-val-images 16 --no-progress)
 
 if [ "$STAGE" = 1 ]; then
     nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
         --out runs/default_stage1 --init scratch --run-dir runs/default_stage1.run --lr 3e-3 \
+        --max-minutes 55 \
         --model-config '{"name": "default", "base_channels": 16, "depth": 5, "max_channels": 128, "distance_cap_px": {"nuclei": null, "clusters": 40.0}, "typical_nucleus_diameter_um": 8.5, "cluster_split": "combined", "description": "Default islet-imaging model: nuclei and clusters (colonies, monolayer patches, aggregates) of every stage from iPSC to SC-islet, in fluorescence images with a nuclear stain."}' \
         "$@"
 fi
+if [ "$STAGE" -le 2 ]; then
+    nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
+        --out runs/default_stage2 --init runs/default_stage1 --run-dir runs/default_stage2.run \
+        --lr 1e-3 --max-minutes 55 "$@"
+    # the thresholds stage 3 starts from (its per-epoch validation uses them)
+    "$PY" scripts/tune_postprocess.py --model runs/default_stage2 --saddles 0.05 0.1 0.15 0.2 0.25 0.3 --write
+    "$PY" scripts/tune_postprocess.py --model runs/default_stage2 --tune nuclei --dsb "$DSB" \
+        --foregrounds 0.3 0.35 0.4 0.45 0.5 --write
+fi
 nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
-    --out "$OUT" --init runs/default_stage1 --run-dir runs/default_stage2.run --lr 1e-3 \
-    "$@"
+    --out runs/default_stage4 --init runs/default_stage2 --run-dir runs/default_stage4.run \
+    --lr 1e-3 --max-minutes 70 "$@"
+"$PY" scripts/average_models.py runs/default_stage2 runs/default_stage4 --out "$OUT" --name default --overwrite
 
 # 3. Post-processing thresholds that `train` does not tune, on tuning fields (seeds 1100-1115)
-#    and DSB val (~8 min): the cluster split's saddle depth, then the nuclear levels.
-"$PY" scripts/tune_postprocess.py --model "$OUT" --saddles 0.05 0.1 0.15 0.2 0.25 0.3 --write
+#    and DSB val (~15 min): the cluster foreground level and split's saddle depth, then the
+#    nuclear levels.
+"$PY" scripts/tune_postprocess.py --model "$OUT" --cluster-foregrounds 0.65 \
+    --saddles 0.15 0.2 0.25 0.3 --write
 "$PY" scripts/tune_postprocess.py --model "$OUT" --tune nuclei --dsb "$DSB" \
     --foregrounds 0.3 0.35 0.4 0.45 0.5 --write
