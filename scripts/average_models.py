@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import dataclasses
 
-    from islet_imaging.errors import InputError, ModelError
+    from islet_imaging.errors import InputError
     from islet_imaging.models import average_models, load_model, save_model
 
     try:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.name:
             config = dataclasses.replace(config, name=args.name)
         save_model(args.out, network, config, models[-1].thresholds, overwrite=args.overwrite)
-    except (InputError, ModelError) as exc:
+    except InputError as exc:  # ModelError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

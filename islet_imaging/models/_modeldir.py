@@ -335,8 +335,9 @@ def average_models(models: Sequence[Model], *, weights: Sequence[float] | None =
         raise ModelError(f"averaging needs at least two models, got {len(models)}")
     w = np.ones(len(models)) if weights is None else np.asarray(weights, float)
     if w.shape != (len(models),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        given = ", ".join(f"{v:g}" for v in np.atleast_1d(w))
         raise ModelError(
-            f"weights {list(np.atleast_1d(w))} must be {len(models)} non-negative numbers "
+            f"weights [{given}] must be {len(models)} non-negative numbers (one per model) "
             "with a positive sum"
         )
     w = w / w.sum()
@@ -350,8 +351,9 @@ def average_models(models: Sequence[Model], *, weights: Sequence[float] | None =
         if meaning(m) != meaning(ref):
             diff = sorted(k for k in meaning(ref) if meaning(m).get(k) != meaning(ref)[k])
             raise ModelError(
-                f"models {m.name!r} and {ref.name!r} cannot be averaged: their configs differ in "
-                f"{diff}; average only models of one architecture, scale and targets"
+                f"models {m.path or m.name} and {ref.path or ref.name} cannot be averaged: their "
+                f"configs differ in {diff}; average only models of one architecture, scale and "
+                "targets"
             )
     states = [{k: v.detach().to("cpu") for k, v in m.network.state_dict().items()} for m in models]
     mean = {}
