@@ -67,8 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The segmentation model ``score`` uses when none is given (one place to change it): the shipped
-#: CNN. On the sample plate it finds all 46 whole clusters (classical baseline: 37), with a smaller
-#: median-diameter error (2.3 % vs 4.2 %) and marker-fraction error (0.95 vs 1.75 pp):
+#: CNN. On the sample plate it finds 44 of the 46 whole clusters (classical baseline: 37), with a
+#: smaller median-diameter error (1.7 % vs 4.2 %) and marker-fraction error (0.98 vs 1.75 pp):
 #: ``benchmarks/sample_plate.py``; benchmarks/README.md has the held-out comparison.
 DEFAULT_MODEL = "default"
 

@@ -80,8 +80,8 @@ MIN_SCALE, MAX_SCALE = 1 / 32, 16.0
 #: the microscope: the stage's smallest nucleus diameter is lowered by this factor, so that the
 #: small nuclei of an image whose typical one was set to the model's size are kept. Chosen on the
 #: DSB 2018 ``val`` split: nuclei AP@0.5 0.678 / 0.688 / 0.691 / 0.688 / 0.682 at factors
-#: 1 / 0.8 / 0.6 / 0.48 / 0.36 (default model, nuclear foreground / seed levels 0.5 / 0.6;
-#: command in benchmarks/README.md).
+#: 1 / 0.8 / 0.6 / 0.48 / 0.36 (the default model's weights of commit c8b2f72, nuclear
+#: foreground / seed levels 0.5 / 0.6; command in benchmarks/README.md).
 UNKNOWN_SCALE_MIN_NUCLEUS = 0.6
 _SAMPLE = 4_000_000
 
