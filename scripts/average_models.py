@@ -2,7 +2,8 @@
 """Average the weights of models of one lineage into a new model directory ("model soup").
 
 The new model takes the last model's config and thresholds; tune its post-processing
-thresholds afterwards (``scripts/tune_postprocess.py --write``), since averaged maps differ.
+thresholds afterwards (``scripts/tune_postprocess.py --write``), since averaged maps differ. Its
+model card (``README.md``) names the averaged models and their weights.
 
 Usage::
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     from islet_imaging.errors import InputError
-    from islet_imaging.models import average_models, load_model, save_model
+    from islet_imaging.models import average_models, load_model, save_model, write_model_card
 
     try:
         models = [load_model(m, device="cpu") for m in args.models]
@@ -42,6 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.name:
             config = dataclasses.replace(config, name=args.name)
         save_model(args.out, network, config, models[-1].thresholds, overwrite=args.overwrite)
+        weights = args.weights or [1.0] * len(models)
+        sources = ", ".join(
+            f"{m.path or m.name} (weight {w / sum(weights):.3g})"
+            for m, w in zip(models, weights, strict=True)
+        )
+        write_model_card(
+            args.out,
+            training_data=f"The weight average of {sources}; their model cards describe the "
+            "training data. Config and thresholds are the last model's: tune the thresholds "
+            "for the average (scripts/tune_postprocess.py --write).",
+            command=" ".join(["scripts/average_models.py", *(argv or sys.argv[1:])]),
+        )
     except InputError as exc:  # ModelError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ if [ ! -f $D/synth_train/metadata.csv ] || [ ! -f $D/dsb_train/metadata.csv ]; t
         --pixel-size-range 0.5 0.85 --nucleus-diameter-um 8.5
 fi
 
-export ISLET_TRAIN_COMMAND="bash scripts/train_default.sh   # = $PY -m islet_imaging -v train, twice (stage 1 from scratch, stage 2 from stage 1), then scripts/tune_postprocess.py for clusters and nuclei; options in scripts/train_default.sh"
+export ISLET_TRAIN_COMMAND="bash scripts/train_default.sh   # = $PY -m islet_imaging -v train, three times (stage 1 from scratch, stage 2 from stage 1, stage 3 from stage 2), scripts/average_models.py (stages 2 and 3), then scripts/tune_postprocess.py for clusters and nuclei; options in scripts/train_default.sh"
 export ISLET_TRAIN_DATA="Synthetic fields from islet_imaging.synth for all 8 stages (S0 iPSC, S1 DE, eESC, S2 PGT, S3 PFG, S4 PP, S5 EP, S6 SC-islet): 48 2D fields of 384x384 px per stage plus 8 z-stacks (5 planes, 2 µm apart, used plane by plane) per aggregate stage (S4-S6), seeds 0-999, pixel sizes drawn uniformly in 0.5-0.85 µm and rescaled to the model's 0.65 µm (504 training planes); nuclei and cluster labels. Plus the 439 'train' images of DSB 2018 fluorescence nuclei (BBBC038, CC0; nuclei labels only, the cluster head is masked), each rescaled so its median nucleus (equivalent diameter from its own mask) is 8.5 µm at 0.65 µm/px. Sampling: 65 % synthetic, 35 % DSB. Validation / threshold tuning: synthetic seeds 1000-1099 (4 2D fields per stage + 2 z-stacks per aggregate stage) and the 42 DSB 'val' images. Held out, never used: synthetic seeds >= 9000 and the DSB 'test' split (benchmarks/accuracy.py)."
 export ISLET_TRAIN_LIMITATIONS="Trained on synthetic fields plus DSB 2018 nuclei only: no real SC-islet / differentiation images with cluster annotations were available, so cluster accuracy on real aggregates is unmeasured. 2D network: z-stacks are predicted plane by plane and joined in 3D by the post-processing. Validation metrics above are on the set the thresholds were tuned on (optimistic); held-out figures are in benchmarks/README.md. Images without a pixel size are rescaled from a nucleus diameter estimated from the image; give --nucleus-diameter (px) when known. Very dense 3D aggregates imaged in widefield (strong haze) and nuclei far outside 4-18 µm are outside the training distribution."
 
@@ -70,6 +70,8 @@ fi
 nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
     --out runs/default_stage4 --init runs/default_stage2 --run-dir runs/default_stage4.run \
     --lr 1e-3 --max-minutes 70 "$@"
+# (writes a short model card naming the two stages; the committed models/default/README.md is
+# the full card with the tables below, restore it with `git checkout models/default/README.md`)
 "$PY" scripts/average_models.py runs/default_stage2 runs/default_stage4 --out "$OUT" --name default --overwrite
 
 # 3. Post-processing thresholds that `train` does not tune, on tuning fields (seeds 1100-1115)
