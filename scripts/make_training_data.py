@@ -7,7 +7,8 @@ Writes, under ``--out`` (default ``runs/data``, git-ignored):
   truth tables included) of every stage (seeds 0–999): ``--n-2d`` 2D fields per stage
   plus ``--n-3d`` z-stacks per aggregate stage (used plane by plane), each at a pixel size drawn
   uniformly from ``--pixel-size-range`` (µm), so the network sees different samplings after
-  rescaling to its training scale.
+  rescaling to its training scale. ``--train-seeds START STOP`` draws them from another seed
+  range (inside 0–999), e.g. a second, disjoint training set.
 - ``synth_val/``: the same with seeds 1000–1099 (validation and threshold tuning).
   Seeds ≥ 9000 are the held-out test set (benchmarks/accuracy.py) and are never used here.
 - ``dsb_train/`` and ``dsb_val/``: the ``train`` and ``val`` splits of the DSB 2018 fluorescence
@@ -18,6 +19,9 @@ Writes, under ``--out`` (default ``runs/data``, git-ignored):
 Usage::
 
     .venv/bin/python scripts/make_training_data.py --out runs/data
+    # a second training set from the unused seeds, written to runs/data2/synth_train only
+    .venv/bin/python scripts/make_training_data.py --out runs/data2 --train-only \
+        --train-seeds 448 1000 --n-2d 60 --n-3d 8 --workers 2
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +70,15 @@ def make_synth(
     size: int,
     z: int,
     pixel_size_range: tuple[float, float],
+    workers: int = 1,
 ) -> None:
     """Synthetic fields of every stage into ``out`` (dataset layout + metadata.csv)."""
-    rows = []
+    jobs = []
     per_stage = n_2d + n_3d
     if per_stage * len(BUILTIN_STAGES) > len(seeds):
         raise SystemExit(
             f"{per_stage} fields x {len(BUILTIN_STAGES)} stages do not fit seeds {seeds}"
         )
-    t0 = time.perf_counter()
     for k, profile in enumerate(BUILTIN_STAGES):
         three_d = profile.cluster_kind == "aggregate"
         for i in range(per_stage):
@@ -83,8 +88,11 @@ def make_synth(
                 continue
             px = float(np.random.default_rng([seed, 17]).uniform(*pixel_size_range))
             name = f"{profile.short_name}_s{seed:04d}" + ("_3d" if is_3d else "")
-            rows.append(_write_synth(out, name, profile.name, seed, size, z if is_3d else 1, px))
-        log.info("%s: %s done (%.0f s)", out.name, profile.name, time.perf_counter() - t0)
+            jobs.append((out, name, profile.name, seed, size, z if is_3d else 1, px))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(_write_synth, *zip(*jobs, strict=True)))
+    log.info("%s: %d fields (%.0f s)", out.name, len(rows), time.perf_counter() - t0)
     write_metadata(out, rows)
 
 
@@ -157,10 +165,33 @@ def main(argv: list[str] | None = None) -> int:
         "typical_nucleus_diameter_um)",
     )
     p.add_argument("--skip-synth", action="store_true")
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs=2,
+        default=(TRAIN_SEEDS.start, TRAIN_SEEDS.stop),
+        metavar=("START", "STOP"),
+        help="seed range of the training fields (inside 0-999; default: all of it)",
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="write synth_train only (no validation fields, no DSB links)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes generating fields")
     args = p.parse_args(argv)
+    train_seeds = range(*args.train_seeds)
+    if not (TRAIN_SEEDS.start <= train_seeds.start < train_seeds.stop <= TRAIN_SEEDS.stop):
+        p.error(
+            f"--train-seeds {args.train_seeds[0]} {args.train_seeds[1]}: the training seeds "
+            f"must lie inside {TRAIN_SEEDS.start}-{TRAIN_SEEDS.stop - 1} (validation, tuning "
+            "and held-out fields use the seeds above)"
+        )
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     lo, hi = args.pixel_size_range
-    if not args.skip_synth:
+    if not args.skip_synth and not args.train_only:
         make_synth(
             args.out / "synth_val",
             VAL_SEEDS,
@@ -169,24 +200,28 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             z=args.z,
             pixel_size_range=(lo, hi),
+            workers=args.workers,
         )
+    if not args.skip_synth:
         make_synth(
             args.out / "synth_train",
-            TRAIN_SEEDS,
+            train_seeds,
             n_2d=args.n_2d,
             n_3d=args.n_3d,
             size=args.size,
             z=args.z,
             pixel_size_range=(lo, hi),
+            workers=args.workers,
         )
-    if args.dsb.is_dir():
-        make_dsb(
-            args.out / "dsb_train", args.dsb, "train", nucleus_diameter_um=args.nucleus_diameter_um
-        )
-        make_dsb(
-            args.out / "dsb_val", args.dsb, "val", nucleus_diameter_um=args.nucleus_diameter_um
-        )
-    else:
+    if not args.train_only and args.dsb.is_dir():
+        for split in ("train", "val"):
+            make_dsb(
+                args.out / f"dsb_{split}",
+                args.dsb,
+                split,
+                nucleus_diameter_um=args.nucleus_diameter_um,
+            )
+    elif not args.train_only:
         log.warning("%s not found: no DSB 2018 data (synthetic only)", args.dsb)
     return 0
 
