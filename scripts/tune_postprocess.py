@@ -72,7 +72,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def _cache(
-    model, s, profile, set_name: str, cls_name: str, diameter: float | None = None
+    model,
+    s,
+    profile,
+    set_name: str,
+    cls_name: str,
+    diameter: float | None = None,
+    *,
+    augment: bool = False,
 ) -> Cached:
     """The maps of one image (for nuclei without the cluster maps, which nuclei do not depend on)."""
     from islet_imaging.models.inference import predict_field_maps
@@ -80,7 +87,12 @@ def _cache(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DSB images have no pixel size: warned, expected
         maps, spacing = predict_field_maps(
-            s.field, profile, model, nucleus_diameter_um=diameter, dtype=np.float16
+            s.field,
+            profile,
+            model,
+            nucleus_diameter_um=diameter,
+            augment=augment,
+            dtype=np.float16,
         )
     if cls_name == "nuclei":
         maps = {k: v for k, v in maps.items() if k.startswith("nuclei_")}
@@ -94,6 +106,7 @@ def tuning_maps(model, args: argparse.Namespace, cls_name: str) -> list[Cached]:
     from islet_imaging.synth import generate_field
 
     rng = np.random.default_rng(0)
+    aug = args.augment
     cached = []
     for profile in BUILTIN_STAGES:
         if cls_name == "clusters" and profile.cluster_kind == "monolayer-patch":
@@ -101,21 +114,21 @@ def tuning_maps(model, args: argparse.Namespace, cls_name: str) -> list[Cached]:
         for seed in args.seeds:
             px = float(rng.uniform(*args.pixel_size_range))
             s = generate_field(profile.name, seed=seed, size=args.size, pixel_size_um=px)
-            cached.append(_cache(model, s, profile, "synthetic 2D", cls_name))
+            cached.append(_cache(model, s, profile, "synthetic 2D", cls_name, augment=aug))
         if cls_name == "nuclei" and profile.cluster_kind == "aggregate":
             for seed in args.seeds[: args.n_3d]:
                 px = float(rng.uniform(*args.pixel_size_range))
                 s = generate_field(
                     profile.name, seed=seed, size=args.size // 2, z=5, pixel_size_um=px
                 )
-                cached.append(_cache(model, s, profile, "synthetic 3D", cls_name))
+                cached.append(_cache(model, s, profile, "synthetic 3D", cls_name, augment=aug))
         log.info("%s: maps of the tuning fields", profile.short_name)
     if cls_name == "nuclei":
-        cached += dsb_maps(model, args.dsb)
+        cached += dsb_maps(model, args.dsb, augment=aug)
     return cached
 
 
-def dsb_maps(model, root: Path) -> list[Cached]:
+def dsb_maps(model, root: Path, *, augment: bool = False) -> list[Cached]:
     """Maps of the DSB 2018 ``val`` split (none when ``root`` is absent)."""
     from islet_imaging.io import read_field, read_labels
     from islet_imaging.models.classical import estimate_nucleus_diameter
@@ -132,7 +145,9 @@ def dsb_maps(model, root: Path) -> list[Cached]:
         fld = read_field(root / "images" / f"{image_id}.png", channel_names=("DAPI",))
         image = _Image(fld, read_labels(root / "masks" / f"{image_id}.tif"))
         diameter = estimate_nucleus_diameter(fld.data[0, 0])
-        out.append(_cache(model, image, profile, "DSB 2018 val", "nuclei", diameter))
+        out.append(
+            _cache(model, image, profile, "DSB 2018 val", "nuclei", diameter, augment=augment)
+        )
     log.info("DSB 2018 val: maps of %d images", len(out))
     return out
 
@@ -252,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-3d", type=int, default=4, help="z-stacks per aggregate stage (nuclei)")
     p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
     p.add_argument("--write", action="store_true", help="write the best values to thresholds.json")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="maps with test-time augmentation (mirror images averaged; 4x the network time)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 

@@ -308,6 +308,9 @@ def test_segment_cli(tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCapture
     assert "--overwrite" in caplog.text
     assert (out / "A01_f1_nuclei.tif").stat().st_mtime_ns == before
     assert main([*argv, "--overwrite"]) == 0
+    # test-time augmentation: the mirror-symmetric oracle gives the same labels
+    assert main([*argv, "--overwrite", "--augment"]) == 0
+    np.testing.assert_array_equal(read_labels(out / "A01_f1_nuclei.tif"), nuc)
 
 
 def test_segment_cli_failures(
@@ -332,6 +335,9 @@ def test_segment_cli_failures(
         main(["segment", str(src), "--out", str(out), "--model", str(oracle_dir), "--tile", "8"])
         == 2
     )
+    caplog.clear()
+    assert main(["segment", str(src), "--out", str(out), "--model", "classical", "--augment"]) == 2
+    assert "--augment needs a CNN model" in caplog.text
 
 
 @pytest.mark.parametrize("length", [32, 208, 1040, 2048, 8192])
@@ -347,6 +353,38 @@ def test_tiling_covers_with_overlap(length: int) -> None:
     if length > 512:  # as few tiles as possible: one fewer would not cover with that overlap
         n = len(starts)
         assert (n - 1) * 512 - (n - 2) * 64 < length
+
+
+def test_augment_is_the_mean_over_mirror_images(random_bn_model: Model) -> None:
+    img = np.random.default_rng(2).random((2, 64, 96)).astype(np.float32)
+    aug = predict_maps(img, random_bn_model, augment=True)
+    mirrors = ((), (1,), (2,), (1, 2))  # axes of the (C, Y, X) input
+    plain = [predict_maps(np.flip(img, ax).copy(), random_bn_model) for ax in mirrors]
+    for k in aug:
+        back = [
+            np.flip(p[k], tuple(a - 1 for a in ax)) for p, ax in zip(plain, mirrors, strict=True)
+        ]
+        np.testing.assert_allclose(aug[k], np.mean(back, axis=0), atol=1e-5)
+        # the random network is not mirror-symmetric: augmenting changes the maps
+        assert np.abs(aug[k] - plain[0][k]).max() > 1e-3
+    # averaged over the mirror group, the maps of a mirrored image are the mirrored maps
+    flipped = predict_maps(img[:, ::-1].copy(), random_bn_model, augment=True)
+    for k in aug:
+        np.testing.assert_allclose(flipped[k], aug[k][::-1], atol=1e-5)
+    # and tiling stays seamless
+    tiled = predict_maps(img, random_bn_model, tile=48, overlap=16, batch_size=2, augment=True)
+    for k in aug:
+        np.testing.assert_allclose(tiled[k], aug[k], atol=1e-5)
+
+
+def test_augmented_segmentation(oracle: Model) -> None:
+    # the oracle is mirror-symmetric, so its augmented maps are its plain maps: mirror images
+    # flipped back to the wrong place would misplace the asymmetric nuclei
+    fld, truth = field_2d(0.5)
+    plain = segment_cnn(fld, S0, model=oracle)
+    aug = segment_cnn(fld, S0, model=oracle, augment=True)
+    np.testing.assert_array_equal(aug.nuclei, plain.nuclei)
+    assert match(truth, aug.nuclei, thresholds=0.9)[0].ap == 1.0
 
 
 def test_float16_maps(random_bn_model: Model) -> None:

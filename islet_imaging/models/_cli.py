@@ -118,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the network first (pays off only on long runs; see "
         "benchmarks/README.md)",
     )
+    mod.add_argument(
+        "--augment",
+        action="store_true",
+        help="test-time augmentation: average the maps of each tile and its 3 mirror images "
+        "(4x the network time; see benchmarks/README.md for what it changes)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     out.add_argument(
@@ -155,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     classical = str(args.model) == "classical"
     if args.probabilities and classical:
         raise InputError("--probabilities needs a CNN model; the classical baseline has no maps")
+    if args.augment and classical:
+        raise InputError("--augment needs a CNN model; the classical baseline has no network")
     model: Model | None = None
     if not classical:
         from islet_imaging.models._modeldir import load_model
@@ -251,6 +259,7 @@ def _segment(
         tile=args.tile,
         batch_size=args.batch_size,
         compile=args.compile,
+        augment=args.augment,
     )
 
 
