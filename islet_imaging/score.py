@@ -117,6 +117,10 @@ class ScoreOptions:
         A TOML file with extra stage profiles (``--stages``).
     min_cells, min_clusters : int
         Low-count flags.
+    augment : bool
+        CNN models: test-time augmentation (maps averaged over mirror images; 4× the network
+        time, see :func:`islet_imaging.models.inference.predict_maps`). The ``fields`` table's
+        ``segmentation`` column then reads ``<model>+augment``.
     """
 
     stage: str | None = None
@@ -130,8 +134,11 @@ class ScoreOptions:
     stages_file: str | None = None
     min_cells: int = 50
     min_clusters: int = 5
+    augment: bool = False
 
     def __post_init__(self) -> None:
+        if self.augment and self.model == "classical":
+            raise InputError("--augment needs a CNN model; the classical baseline has no network")
         if self.threshold_scope not in ("plate", "image"):
             raise InputError(f"threshold scope {self.threshold_scope!r} is not 'plate' or 'image'")
         if self.statistic not in ("mean", "median", "integrated"):
@@ -370,7 +377,7 @@ def score_image(
         )
         _marker_channels(fld, profile)  # fail before segmenting
         fld.require_pixel_size()
-        labels = segment_field(fld, stage=profile, model=options.model)
+        labels = segment_field(fld, stage=profile, model=options.model, augment=options.augment)
         result = measure_field(
             fld,
             labels,

@@ -208,13 +208,18 @@ def test_cli_score_plate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     clu = read_labels(out / "labels" / "B03_f1_clusters.tif")
     assert nuc.shape == clu.shape == truth["B03_f1"].nuclei.shape  # type: ignore[attr-defined]
     assert set(cells.loc[cells["image"] == "B03_f1", "cell_id"]) == set(np.unique(nuc)) - {0}
-    # the classical baseline gets the INS fraction roughly right
+    assert set(fields["segmentation"]) == {DEFAULT_MODEL}
+    # the default model gets the INS fraction roughly right
     for name, s in truth.items():
         true_frac = s.cells["positive_INS"].mean()  # type: ignore[attr-defined]
         assert abs(fields.loc[name, "fraction_positive_INS"] - true_frac) < 0.15
     # no overwrite of a non-empty --out without --overwrite
     assert main(args) == 2
     assert main([*args, "--overwrite", "--threshold-method", "otsu"]) == 0
+    # test-time augmentation: named in the fields table; the classical baseline refuses it
+    assert main([*args, "--overwrite", "--augment"]) == 0
+    assert set(pd.read_csv(out / "fields.csv")["segmentation"]) == {f"{DEFAULT_MODEL}+augment"}
+    assert main([*args, "--overwrite", "--augment", "--model", "classical"]) == 2
 
 
 def test_cli_records_failures_and_goes_on(tmp_path: Path) -> None:

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="M",
         help=f"'classical', a shipped model name or a model directory (default: {DEFAULT_MODEL})",
     )
+    seg.add_argument(
+        "--augment",
+        action="store_true",
+        help="CNN models: test-time augmentation, maps averaged over mirror images (4x the "
+        "network time; see benchmarks/README.md for what it changes)",
+    )
     mea = parser.add_argument_group("measurement")
     mea.add_argument(
         "--threshold-method",
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         stages_file=None if args.stages is None else str(args.stages),
         min_cells=args.min_cells,
         min_clusters=args.min_clusters,
+        augment=args.augment,
     )
     result = score_path(
         args.input,

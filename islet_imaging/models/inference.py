@@ -808,7 +808,8 @@ def segment_cnn(
     Returns
     -------
     Labels
-        ``(Z, Y, X)`` int32 nuclei and clusters on the field's grid.
+        ``(Z, Y, X)`` int32 nuclei and clusters on the field's grid; ``method`` is the model's
+        name, with ``+augment`` appended when augmented.
 
     Warns
     -----
@@ -820,6 +821,7 @@ def segment_cnn(
     mdl = load_model(model, device=device)
     cfg = mdl.config
     _check_field(field)
+    method = f"{mdl.name}+augment" if augment else mdl.name
     zeros = np.zeros(field.spatial_shape, np.int32)
     if _is_empty(field, profile, cfg):
         warnings.warn(
@@ -833,7 +835,7 @@ def segment_cnn(
             if return_probabilities
             else {}
         )
-        return Labels(zeros, zeros.copy(), probs, mdl.name)
+        return Labels(zeros, zeros.copy(), probs, method)
     maps, spacing = predict_field_maps(
         field,
         profile,
@@ -857,4 +859,4 @@ def segment_cnn(
         nucleus_diameter_um=nucleus_diameter_um,
     )
     probs = {k: v.astype(np.float32) for k, v in maps.items()} if return_probabilities else {}
-    return Labels(nuclei, clusters, probs, mdl.name)
+    return Labels(nuclei, clusters, probs, method)
