@@ -7,7 +7,8 @@ rescaling happens):
   channels-last, folded + channels-last + ``torch.compile`` (compile time reported apart);
   FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode`` → achieved GFLOP/s;
 - tiled prediction (:func:`predict_maps`, default tiling) and post-processing
-  (:func:`maps_to_instances`) separately, then :func:`segment_cnn` end to end;
+  (:func:`maps_to_instances`) separately, then :func:`segment_cnn` end to end, plain and with
+  test-time augmentation (``augment=True``: four forward passes per tile);
 - the classical baseline (:func:`segment_classical`) in the same run, as a ratio;
 - peak resident memory (``VmHWM``) of ``segment_cnn`` on 4096² and 8192² fields, each in a fresh
   subprocess (the synthetic field tiled), next to the memory held before segmentation starts.
@@ -275,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         _median_time(lambda: segment_cnn(fld, profile, model=model, tile=args.tile), args.repeats)[
             0
         ],
+        3,
+    )
+    res["segment_cnn_augment_seconds"] = round(
+        _median_time(
+            lambda: segment_cnn(fld, profile, model=model, tile=args.tile, augment=True),
+            args.repeats,
+        )[0],
         3,
     )
     res["classical_seconds"] = round(
