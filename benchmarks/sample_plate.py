@@ -52,17 +52,29 @@ def compare(out: Path) -> dict[str, object]:
     }
 
 
+#: A model name ending in this scores with ``--augment`` (test-time augmentation).
+AUGMENT = "+augment"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["default", "classical"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["default", "classical"],
+        help="'default', 'classical' or model directories; a CNN name ending in '+augment' "
+        "(e.g. 'default+augment') scores with test-time augmentation",
+    )
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "sample_plate")
     args = parser.parse_args(argv)
     rows = {}
     for model in args.models:
+        name = model.removesuffix(AUGMENT)
         out = args.work / Path(model).name
         cmd = [sys.executable, "-m", "islet_imaging", "-q", "score", str(PLATE), "--plate-map",
                str(REPO / "sample_images" / "plate_map.csv"), "--out", str(out), "--overwrite",
-               "--model", model, "--no-progress"]  # fmt: skip
+               "--model", name, "--no-progress"]  # fmt: skip
+        cmd += ["--augment"] if model.endswith(AUGMENT) else []
         subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
         rows[model] = compare(out)
     keys = list(next(iter(rows.values())))
