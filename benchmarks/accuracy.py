@@ -48,8 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("accuracy")
 
 THRESHOLDS = (0.5, 0.75)
-#: A method name ending in this runs the model with test-time augmentation (``default+augment``).
-AUGMENT = "+augment"
 
 
 def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
@@ -62,9 +60,10 @@ def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
 
 
 def _segment(field, stage: str, method: str, nucleus_diameter: float | None = None):
+    from islet_imaging.models.inference import AUGMENTED_SUFFIX
     from islet_imaging.segment import segment_field
 
-    name, augment = method.removesuffix(AUGMENT), method.endswith(AUGMENT)
+    name, augment = method.removesuffix(AUGMENTED_SUFFIX), method.endswith(AUGMENTED_SUFFIX)
     model = name if name in ("classical", "default") else Path(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

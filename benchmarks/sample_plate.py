@@ -52,10 +52,6 @@ def compare(out: Path) -> dict[str, object]:
     }
 
 
-#: A model name ending in this scores with ``--augment`` (test-time augmentation).
-AUGMENT = "+augment"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -67,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "sample_plate")
     args = parser.parse_args(argv)
+    from islet_imaging.models.inference import AUGMENTED_SUFFIX
+
     rows = {}
     for model in args.models:
-        name = model.removesuffix(AUGMENT)
+        name = model.removesuffix(AUGMENTED_SUFFIX)
         out = args.work / Path(model).name
         cmd = [sys.executable, "-m", "islet_imaging", "-q", "score", str(PLATE), "--plate-map",
                str(REPO / "sample_images" / "plate_map.csv"), "--out", str(out), "--overwrite",
                "--model", name, "--no-progress"]  # fmt: skip
-        cmd += ["--augment"] if model.endswith(AUGMENT) else []
+        cmd += ["--augment"] if model.endswith(AUGMENTED_SUFFIX) else []
         subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
         rows[model] = compare(out)
     keys = list(next(iter(rows.values())))

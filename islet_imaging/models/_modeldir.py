@@ -347,9 +347,11 @@ def average_models(models: Sequence[Model], *, weights: Sequence[float] | None =
         return {k: v for k, v in d.items() if k not in ("name", "description", "thresholds")}
 
     ref = models[-1]
+    want = meaning(ref)
     for m in models[:-1]:
-        if meaning(m) != meaning(ref):
-            diff = sorted(k for k in meaning(ref) if meaning(m).get(k) != meaning(ref)[k])
+        have = meaning(m)
+        if have != want:
+            diff = sorted(k for k in want if have.get(k) != want[k])
             raise ModelError(
                 f"models {m.path or m.name} and {ref.path or ref.name} cannot be averaged: their "
                 f"configs differ in {diff}; average only models of one architecture, scale and "

@@ -589,6 +589,9 @@ def predict_maps(
 
 #: The mirror images of test-time augmentation: tensor dims flipped (batch, channel, y, x).
 _MIRRORS = ((), (3,), (2,), (2, 3))
+#: Appended to the model's name in ``Labels.method`` (and the benchmarks' method names) when the
+#: maps are augmented.
+AUGMENTED_SUFFIX = "+augment"
 
 
 def _forward(net: torch.nn.Module, x: torch.Tensor, augment: bool) -> torch.Tensor:
@@ -821,7 +824,7 @@ def segment_cnn(
     mdl = load_model(model, device=device)
     cfg = mdl.config
     _check_field(field)
-    method = f"{mdl.name}+augment" if augment else mdl.name
+    method = mdl.name + AUGMENTED_SUFFIX if augment else mdl.name
     zeros = np.zeros(field.spatial_shape, np.int32)
     if _is_empty(field, profile, cfg):
         warnings.warn(
