@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     train_seeds = range(*args.train_seeds)
     if not (TRAIN_SEEDS.start <= train_seeds.start < train_seeds.stop <= TRAIN_SEEDS.stop):
         p.error(
-            f"--train-seeds {args.train_seeds[0]} {args.train_seeds[1]}: the training seeds "
-            f"must lie inside {TRAIN_SEEDS.start}-{TRAIN_SEEDS.stop - 1} (validation, tuning "
-            "and held-out fields use the seeds above)"
+            f"--train-seeds {args.train_seeds[0]} {args.train_seeds[1]}: give START < STOP "
+            f"inside {TRAIN_SEEDS.start}-{TRAIN_SEEDS.stop} (validation, tuning and held-out "
+            "fields use the seeds above), e.g. --train-seeds 448 1000"
         )
     if args.workers < 1:
         p.error("--workers must be at least 1")
