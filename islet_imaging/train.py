@@ -155,6 +155,11 @@ class TrainConfig:
     cluster_touch_band_px : int
         Half-width (px at the model scale) of the contact zone between touching clusters; for
         nuclei it is 1 px.
+    ema : float
+        Decay of an exponential moving average of the weights, updated after every step (0 =
+        none; e.g. 0.999 averages over roughly the last 1000 steps). When on, the averaged
+        network is the one validated, kept as the best checkpoint and written; BatchNorm
+        statistics are averaged with the weights.
     seed : int
         Seeds weight initialisation, the validation split and every batch.
     threads : int
@@ -203,6 +208,7 @@ class TrainConfig:
     touch_weight: float = 3.0
     touch_weight_distance: float = 1.0
     cluster_touch_band_px: int = 1
+    ema: float = 0.0
     seed: int = 0
     threads: int = 2
     device: str = "auto"
@@ -253,6 +259,11 @@ class TrainConfig:
             )
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise InputError("lr must be > 0 and weight_decay >= 0")
+        if not 0 <= self.ema < 1:
+            raise InputError(
+                f"--ema {self.ema:g} must be in [0, 1): the weight of the old average per step "
+                "(e.g. 0.999), or 0 for none"
+            )
         if not 0 <= self.scale_jitter < 1:
             raise InputError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
         if not 0 <= self.val_fraction < 1:
@@ -673,6 +684,11 @@ class TrainState:
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel of ``model`` (``--ema``), or None
+
+    def net(self) -> Any:
+        """The network that is validated, kept and written: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def build_model_config(config: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None]:
@@ -732,7 +748,13 @@ def init_state(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
-    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, device=device)
+    ema = None
+    if config.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # use_buffers: BatchNorm's running statistics are averaged with the weights
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, device=device, ema=ema)
 
 
 def compute_loss(
@@ -831,6 +853,8 @@ def train_one_epoch(
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), 5.0)
         state.optimizer.step()
         state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
         state.step = step + 1
         for k, v in parts.items():
             if not math.isnan(v):
@@ -1049,6 +1073,8 @@ def save_checkpoint(
         "model_config": json.dumps(model_config.to_dict()),
         "torch_rng": torch.get_rng_state(),
     }
+    if state.ema is not None:
+        payload["ema"] = state.ema.state_dict()
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -1074,6 +1100,12 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
         path,
     )
     state.model.load_state_dict(payload["model"])
+    if state.ema is not None:
+        if "ema" not in payload:
+            raise InputError(
+                "the checkpoint has no moving average of the weights; resume without --ema", path
+            )
+        state.ema.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step = int(payload["step"])
@@ -1200,7 +1232,7 @@ def main(
     elapsed_before = state.history[-1]["seconds"] if state.history else 0.0
     if val_subset is not None and resume is None and config.init != "scratch":
         # epoch 0: the --init model as it is; fine-tuning must beat it to replace it
-        metrics = evaluate(state.model, val_subset, model_config=model_config)
+        metrics = evaluate(state.net(), val_subset, model_config=model_config)
         state.model.train()
         row0 = {
             "epoch": 0,
@@ -1232,7 +1264,7 @@ def main(
         )
         row: dict[str, Any] = {"epoch": state.epoch, "step": state.step, **parts}
         if val_subset is not None:
-            metrics = evaluate(state.model, val_subset, model_config=model_config)
+            metrics = evaluate(state.net(), val_subset, model_config=model_config)
             state.model.train()
             row["val_nuclei_ap50"] = metrics.get("nuclei_ap50", float("nan"))
             row["val_clusters_ap50"] = metrics.get("clusters_ap50", float("nan"))
@@ -1383,23 +1415,26 @@ def finish(
     run_dir = Path(config.run_dir)
     best = run_dir / "best.pt"
     if best.is_file():
-        payload = torch.load(best, map_location="cpu", weights_only=True)
+        payload = torch.load(best, map_location=state.device, weights_only=True)
         state.model.load_state_dict(payload["model"])
+        if state.ema is not None:
+            state.ema.load_state_dict(payload["ema"])
         best_step = int(payload["step"])
     else:
         best_step = state.step
+    net = state.net()
     thresholds = model_config.thresholds
     metrics: dict[str, float] = {}
     if val_set is not None:
         if config.tune:
             thresholds, metrics = tune_thresholds(
-                state.model, val_set, model_config=model_config, progress=progress
+                net, val_set, model_config=model_config, progress=progress
             )
         else:
-            metrics = evaluate(state.model, val_set, model_config=model_config)
+            metrics = evaluate(net, val_set, model_config=model_config)
     model_config = model_config.replace(thresholds=thresholds)
-    state.model.config = model_config
-    out = save_model(config.out, state.model, model_config, thresholds, overwrite=True)
+    net.config = model_config
+    out = save_model(config.out, net, model_config, thresholds, overwrite=True)
     write_card(
         out, config, metrics=metrics, seconds=seconds, best_step=best_step, history=state.history
     )
@@ -1463,7 +1498,8 @@ def write_card(
             else best_step
         ),
         "batch size × patch": f"{config.batch_size} × {config.patch_size}²",
-        "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}",
+        "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}"
+        + (f"; weights: moving average, decay {config.ema:g}" if config.ema else ""),
         "loss": "weighted BCE + Dice (foreground), L1 inside objects (distance); "
         f"contact weight {config.touch_weight:g} (foreground), "
         f"{config.touch_weight_distance:g} (distance), cluster contact band "
@@ -1509,6 +1545,7 @@ def _config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--val", *config.val] if config.val else ["--val-fraction", f"{config.val_fraction:g}"]
     argv += ["--out", config.out, "--init", config.init, "--epochs", str(config.epochs)]
     argv += ["--steps-per-epoch", str(config.steps_per_epoch), "--lr", f"{config.lr:g}"]
+    argv += ["--ema", f"{config.ema:g}"] if config.ema else []
     argv += ["--seed", str(config.seed)]
     return argv
 
@@ -1594,6 +1631,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay"
+    )
+    opt.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights with this decay per step and "
+        "validate, keep and write it instead of the raw weights (e.g. 0.999; default 0 = off)",
     )
     opt.add_argument(
         "--schedule",
@@ -1693,6 +1738,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
+        ema=args.ema,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         w_clusters=args.w_clusters,

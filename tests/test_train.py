@@ -393,9 +393,10 @@ def test_loss_decreases_on_a_tiny_overfit_set(tmp_path: Path) -> None:
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_continues_exactly(tmp_path: Path, ema: float) -> None:
     root = _write_dataset(tmp_path / "ds", n=2)
-    cfg = _config(tmp_path, root)
+    cfg = _config(tmp_path, root, ema=ema)
     mc = ModelConfig(**TINY)
     ds = get_dataset(cfg.data, mc)
     aug = get_transform(cfg)
@@ -413,11 +414,50 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert (resumed.step, resumed.epoch) == (3, 1)
     train_one_epoch(resumed, ds, config=cfg, model_config=mc, augment=aug, progress=False)
 
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for a, b in [
+        (straight.model.state_dict(), resumed.model.state_dict()),
+        (straight.net().state_dict(), resumed.net().state_dict()),  # the average, with --ema
+    ]:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    if ema:  # a checkpoint without an average cannot resume a run with one
+        plain = save_checkpoint(
+            tmp_path / "plain.pt", init_state(_config(tmp_path, root), mc), cfg, mc
+        )
+        with pytest.raises(InputError, match="no moving average"):
+            load_checkpoint(plain, init_state(cfg, mc))
+
+
+def test_moving_average_follows_the_raw_weights_step_by_step(tmp_path: Path) -> None:
+    # --ema: after every optimizer step, average = decay * average + (1 - decay) * raw weights,
+    # the first average being the initial weights; BatchNorm's running statistics likewise
+    root = _write_dataset(tmp_path / "ds", n=1)
+    decay = 0.8
+    cfg = _config(tmp_path, root, ema=decay, lr=1e-2)
+    mc = ModelConfig(**TINY)
+    ds = get_dataset(cfg.data, mc)
+    state = init_state(cfg, mc)
+    assert state.net() is state.ema.module
+    expected = {k: v.detach().clone().double() for k, v in state.model.state_dict().items()}
+    torch.set_num_threads(1)
+    for _ in range(4):
+        train_one_epoch(
+            state, ds, config=cfg, model_config=mc, augment=NO_AUGMENT, n_steps=1, progress=False
+        )
+        for k, v in state.model.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = decay * expected[k] + (1 - decay) * v.double()
+    averaged = state.ema.module.state_dict()
+    raw = state.model.state_dict()
+    weight = next(k for k in raw if k.endswith("weight") and raw[k].ndim == 4)
+    assert not torch.allclose(averaged[weight], raw[weight])  # the average lags behind
+    for k, v in averaged.items():
+        if v.is_floating_point():
+            assert torch.allclose(v.double(), expected[k], rtol=1e-5, atol=1e-6), k
+    assert "running_mean" in " ".join(k for k in expected)  # BatchNorm statistics included
+    assert init_state(_config(tmp_path, root), mc).ema is None  # off by default
 
 
 def test_initial_weights_are_seeded_without_global_rng(tmp_path: Path) -> None:
@@ -456,6 +496,9 @@ def test_train_config_validation() -> None:
         TrainConfig(data=("x",), model_config={"depth": 3})
     with pytest.raises(InputError, match="device"):
         TrainConfig(data=("x",), device="tpu")
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(InputError, match="--ema"):
+            TrainConfig(data=("x",), ema=bad)
     assert TrainConfig(data=("x",), epochs=3, steps_per_epoch=7).steps == 21
 
 
@@ -488,6 +531,21 @@ def test_main_writes_a_loadable_model_with_card_and_log(
     assert 0.0 <= summary["validation"]["nuclei_ap50"] <= 1.0
 
 
+def test_main_with_ema_writes_the_averaged_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    train = _write_dataset(tmp_path / "train", n=2)
+    cfg = _config(tmp_path, train, val=(str(train),), ema=0.5, patience=0, tune=False)
+    out = main(cfg, progress=False)
+    best = torch.load(Path(cfg.run_dir) / "best.pt", map_location="cpu", weights_only=True)
+    written = load_file(out / "weights.safetensors")
+    key = next(k for k in written if k.endswith("weight") and written[k].ndim == 4)
+    assert torch.equal(written[key], best["ema"][f"module.{key}"].contiguous())
+    assert not torch.equal(written[key], best["model"][key].contiguous())
+    assert "moving average, decay 0.5" in (out / "README.md").read_text()
+    assert "--ema 0.5" in (out / "README.md").read_text()
+
+
 def test_cli_parses_train_options(tmp_path: Path) -> None:
     from islet_imaging.cli import build_parser
     from islet_imaging.train import config_from_args
@@ -497,10 +555,11 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
             "train", "--data", "a", "b", "--data-weights", "2", "1", "--val", "c",
             "--out", str(tmp_path / "m"), "--epochs", "5", "--steps-per-epoch", "2",
             "--init", "scratch", "--model-config", '{"base_channels": 8}', "--device", "cpu",
-            "--patience", "3", "--missing-labels", "skip",
+            "--patience", "3", "--missing-labels", "skip", "--ema", "0.999",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
+    assert cfg.ema == 0.999
     assert cfg.data == ("a", "b") and cfg.data_weights == (2.0, 1.0) and cfg.steps == 10
     assert cfg.model_config == {"base_channels": 8} and cfg.init == "scratch"
     assert (cfg.device, cfg.patience, cfg.missing_labels) == ("cpu", 3, "skip")
