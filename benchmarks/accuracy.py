@@ -19,7 +19,9 @@ Two test sets, neither used for training or tuning:
    without looking at ``test``.
 
 Metric: AP = tp / (tp + fp + fn) at IoU 0.5 and 0.75 (StarDist / DSB 2018 "average precision"),
-pooled over the images of a group (:func:`islet_imaging.metrics.match_dataset`).
+pooled over the images of a group (:func:`islet_imaging.metrics.match_dataset`). Synthetic rows
+also hold ``<class>_unmatched50``: why objects went unmatched at IoU 0.5 (missed, split, merged,
+outline; :func:`islet_imaging.metrics.error_kinds`), summed over the group's images.
 
 Usage::
 
@@ -57,6 +59,17 @@ def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
         return (math.nan, math.nan)
     res = match_dataset(pairs, thresholds=THRESHOLDS)
     return (float(res[0].ap), float(res[1].ap))
+
+
+def _unmatched(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """Why objects went unmatched at IoU 0.5 (:func:`islet_imaging.metrics.error_kinds`), summed."""
+    from islet_imaging.metrics import error_kinds
+
+    total: dict[str, int] = {}
+    for truth, pred in pairs:
+        for k, v in error_kinds(truth, pred, threshold=THRESHOLDS[0]).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _segment(field, stage: str, method: str, nucleus_diameter: float | None = None):
@@ -125,6 +138,7 @@ def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
                         pr = pairs[(method, st, kind, cls_name)]
                     a50, a75 = _ap(pr)
                     row[f"{cls_name}_ap50"], row[f"{cls_name}_ap75"] = a50, a75
+                    row[f"{cls_name}_unmatched50"] = _unmatched(pr)
                     row["n_images"] = len(pr)
                 rows.append(row)
         for kind in kinds:

@@ -15,7 +15,11 @@ unmatched true objects; see :mod:`islet_imaging.metrics` for the empty-image con
 - ``pq@t`` = panoptic quality = sum of matched IoUs / (tp + fp / 2 + fn / 2);
 - ``tp@t``, ``fp@t``, ``fn@t``;
 - ``mean_ap``: the mean of ``ap@t`` over the thresholds used (the COCO-style 0.5:0.95 average,
-  over 0.5:0.9 by default).
+  over 0.5:0.9 by default);
+- at the lowest threshold ``t0`` only, why objects went unmatched
+  (:func:`islet_imaging.metrics.error_kinds`): ``fn_missed@t0``, ``fn_split@t0``,
+  ``fn_merged@t0``, ``fn_outline@t0`` (true objects) and ``fp_spurious@t0``, ``fp_merged@t0``,
+  ``fp_fragment@t0``, ``fp_outline@t0`` (predictions); they add up to ``fn@t0`` and ``fp@t0``.
 
 *Pooled* results add tp, fp, fn and matched-IoU sums over the images before taking the ratios
 (large images weigh more); *per-image* results are the same metrics of each image alone.
@@ -48,8 +52,8 @@ JSON schema (``--out``)
 
 ``<metrics>`` is a flat mapping: ``n_images``, ``n_true``, ``n_pred``, ``mean_ap`` and, for
 each threshold ``t`` written as ``f"{t:g}"`` (``0.5``, ``0.55``, ...), ``ap@t``,
-``precision@t``, ``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``. A kind that no
-image has truth for is absent from ``pooled``. ``path`` is ``null`` for the classical baseline;
+``precision@t``, ``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the
+error kinds at the lowest threshold (above). A kind that no image has truth for is absent from ``pooled``. ``path`` is ``null`` for the classical baseline;
 ``seconds`` is the model's total segmentation time. The ``--csv`` table has one row per
 (data, image, model, kind) with the same columns as ``per_image``.
 
@@ -122,8 +126,10 @@ Segment every labelled image of one or more dataset directories (images/, labels
 the layout `islet-imaging synth` writes) with each --model, match nuclei and clusters one-to-one
 to the truth at IoU thresholds 0.5, 0.55, ..., 0.9, and print per object kind a table: AP
 (tp / (tp + fp + fn)) at 0.5, 0.75 and 0.9, the mean AP over the thresholds, precision, recall,
-F1 and panoptic quality at 0.5, and object counts, pooled over the images. With two or more
-models a difference row (model − first model) follows. --out writes everything (pooled and per
+F1 and panoptic quality at 0.5, and object counts, pooled over the images; then, per model, why
+objects went unmatched at the lowest threshold: true objects missed, split, merged with another or
+loosely outlined, predictions spurious, merged, fragments or loose. With two or more models a
+difference row (model − first model) follows. --out writes everything (pooled and per
 image, every threshold) as JSON, --csv the per-image table.
 
 Images are read at their own pixel grid; pixel size, channel names and stage come from
@@ -288,6 +294,9 @@ class ImageScore:
         One per threshold (counts only).
     seconds : float
         Segmentation time of this image by this model (both kinds).
+    errors : dict of str to int
+        Why objects went unmatched at the lowest threshold
+        (:func:`islet_imaging.metrics.error_kinds`); empty when not computed.
     """
 
     data: str
@@ -297,6 +306,7 @@ class ImageScore:
     kind: str
     matchings: tuple[Matching, ...]
     seconds: float = 0.0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The record of ``per_image`` in the JSON output."""
@@ -308,7 +318,12 @@ class ImageScore:
             "kind": self.kind,
             "seconds": round(self.seconds, 3),
             **score_matchings(self.matchings),
+            **_error_columns(self.errors, self.matchings[0].threshold),
         }
+
+
+def _error_columns(errors: dict[str, int], threshold: float) -> dict[str, int]:
+    return {f"{k}@{_key(threshold)}": int(v) for k, v in errors.items()}
 
 
 @dataclass(frozen=True)
@@ -373,8 +388,19 @@ class Evaluation:
             for kind in self.kinds():
                 pooled = self.pooled_matchings(model, kind)
                 if pooled is not None:
-                    out[model][kind] = score_matchings(pooled)
+                    out[model][kind] = score_matchings(pooled) | _error_columns(
+                        self.pooled_errors(model, kind), self.thresholds[0]
+                    )
         return out
+
+    def pooled_errors(self, model: str, kind: str) -> dict[str, int]:
+        """The error kinds at the lowest threshold, added over the images."""
+        total: dict[str, int] = {}
+        for s in self.per_image:
+            if s.model == model and s.kind == kind:
+                for k, v in s.errors.items():
+                    total[k] = total.get(k, 0) + v
+        return total
 
     def seconds(self, model: str) -> float:
         """Total segmentation time of ``model`` over the scored images."""
@@ -406,6 +432,21 @@ class Evaluation:
             "per_image": self.per_image_table(),
             "failures": [f.as_dict() for f in self.failures],
         }
+
+    def _error_lines(self, models: Sequence[str], kind: str, width: int) -> list[str]:
+        """Lines of the table: why objects went unmatched at the lowest threshold, per model."""
+        from islet_imaging.metrics import FN_KINDS, FP_KINDS
+
+        t = _key(self.thresholds[0])
+        lines = []
+        for m in models:
+            e = self.pooled_errors(m, kind)
+            if not e:
+                continue
+            fn = ", ".join(f"{e.get(f'fn_{k}', 0)} {k}" for k in FN_KINDS)
+            fp = ", ".join(f"{e.get(f'fp_{k}', 0)} {k}" for k in FP_KINDS)
+            lines.append(f"{m.ljust(width)}  unmatched at IoU {t}: true {fn}; predicted {fp}")
+        return lines
 
     def table(self) -> str:
         """The pooled summary as plain text: one block per object kind, one row per model."""
@@ -452,6 +493,7 @@ class Evaluation:
                     c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
                 ]
                 lines.append("  ".join(cells).rstrip())
+            lines += self._error_lines(scored, kind, widths[0])
             blocks.append("\n".join(lines))
         if not blocks:
             blocks.append("no image was scored")
@@ -641,7 +683,7 @@ def evaluate_dataset(
         cannot be loaded (:class:`~islet_imaging.errors.ModelError`). Unreadable images and
         segmentation failures are *not* raised: they are recorded in ``Evaluation.failures``.
     """
-    from islet_imaging.metrics import match
+    from islet_imaging.metrics import error_kinds, match
     from islet_imaging.models._dataset import load_entry
 
     ths = parse_thresholds(thresholds if not isinstance(thresholds, int | float) else [thresholds])
@@ -704,6 +746,7 @@ def evaluate_dataset(
                             kind=kind,
                             matchings=_strip(match(true, pred, thresholds=ths)),
                             seconds=seconds,
+                            errors=error_kinds(true, pred, threshold=ths[0]),
                         )
                     )
                 continue

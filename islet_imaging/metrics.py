@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "Matching",
     "count_error",
+    "error_kinds",
     "iou_matrix",
     "match",
     "match_dataset",
@@ -469,6 +470,110 @@ def pool_matchings(results: Sequence[Matching]) -> Matching:
         sum_matched_score=float(sum(m.sum_matched_score for m in results)),
         n_images=sum(m.n_images for m in results),
     )
+
+
+#: Kinds of unmatched true objects (false negatives) and of unmatched predictions (false
+#: positives) that :func:`error_kinds` tells apart, in the order they are tested.
+FN_KINDS: tuple[str, ...] = ("missed", "split", "merged", "outline")
+FP_KINDS: tuple[str, ...] = ("spurious", "merged", "fragment", "outline")
+#: An object "mostly" covered has at least this fraction of its area on objects of the other image.
+MOSTLY = 0.5
+#: A "substantial part" of an object is at least this fraction of its area.
+PART = 0.2
+
+
+def error_kinds(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    criterion: Criterion = "iou",
+) -> dict[str, int]:
+    """Why objects went unmatched at one threshold: misses, merges, splits, bad outlines.
+
+    Each false negative (true object left unmatched) is, in this order:
+
+    - ``missed``: less than half (:data:`MOSTLY`) of it lies on predicted objects;
+    - ``split``: at least two predicted objects each hold a fifth (:data:`PART`) of it or more;
+    - ``merged``: the predicted object holding most of it also holds a fifth or more of another
+      true object;
+    - ``outline``: one predicted object covers it, but too loosely to match.
+
+    Each false positive (unmatched prediction) is ``spurious`` (less than half of it on true
+    objects, and no fifth of any true object in it), ``merged`` (it holds a fifth or more of each of two true objects or more),
+    ``fragment`` (the true object it lies most on is split: two predictions or more each hold a
+    fifth of it) or ``outline``.
+
+    Parameters
+    ----------
+    truth, pred : (Y, X) or (Z, Y, X) ndarray of int
+        As in :func:`match`.
+    threshold : float
+        The matching threshold in (0, 1].
+    criterion : {"iou", "iot", "iop"}
+
+    Returns
+    -------
+    dict of str to int
+        ``fn_<kind>`` for each of :data:`FN_KINDS` and ``fp_<kind>`` for each of
+        :data:`FP_KINDS`; the ``fn_*`` counts add up to the matching's ``fn``, the ``fp_*`` ones
+        to its ``fp``.
+
+    Examples
+    --------
+    >>> t = np.repeat(np.arange(1, 4), 4)[None].repeat(8, axis=0)  # three 8 × 4 objects
+    >>> e = error_kinds(t, np.ones_like(t))  # predicted as one
+    >>> e["fn_merged"], e["fp_merged"], e["fn_missed"]
+    (3, 1, 0)
+    """
+    _check_criterion(criterion)
+    (thr,) = _check_thresholds(threshold)
+    truth, pred = _check_labels(truth, pred)
+    ov = _overlap(truth, pred)
+    (m,) = _match_overlap(ov, (thr,), criterion)
+    nt, npred = ov.true_ids.size, ov.pred_ids.size
+    t_matched = np.isin(ov.true_ids, m.true_ids)
+    p_matched = np.isin(ov.pred_ids, m.pred_ids)
+    inter = ov.intersection.astype(np.float64)
+    t_frac = inter / ov.true_area[ov.rows]  # share of the true object in this pair
+    p_frac = inter / ov.pred_area[ov.cols]
+    t_cover = np.bincount(ov.rows, t_frac, minlength=nt)
+    p_cover = np.bincount(ov.cols, p_frac, minlength=npred)
+    big_t = t_frac >= PART  # the pair holds a substantial part of the true object
+    t_parts = np.bincount(ov.rows[big_t], minlength=nt)  # predictions holding a part of it
+    p_parts = np.bincount(ov.cols[big_t], minlength=npred)  # true objects it holds a part of
+
+    def main_partner(own: np.ndarray, other: np.ndarray, n: int) -> np.ndarray:
+        # per object, the object of the other image it overlaps most (-1: none)
+        best = np.full(n, -1, np.int64)
+        order = np.lexsort((inter, own))  # by object, then by intersection ascending
+        best[own[order]] = other[order]  # the last write per object is its largest overlap
+        return best
+
+    t_main = main_partner(ov.rows, ov.cols, nt)
+    p_main = main_partner(ov.cols, ov.rows, npred)
+    out = {f"fn_{k}": 0 for k in FN_KINDS} | {f"fp_{k}": 0 for k in FP_KINDS}
+    for i in np.flatnonzero(~t_matched):
+        if t_cover[i] < MOSTLY:
+            kind = "missed"
+        elif t_parts[i] >= 2:
+            kind = "split"
+        elif p_parts[t_main[i]] >= 2:
+            kind = "merged"
+        else:
+            kind = "outline"
+        out[f"fn_{kind}"] += 1
+    for j in np.flatnonzero(~p_matched):
+        if p_cover[j] < MOSTLY and p_parts[j] == 0:
+            kind = "spurious"
+        elif p_parts[j] >= 2:
+            kind = "merged"
+        elif t_parts[p_main[j]] >= 2:
+            kind = "fragment"
+        else:
+            kind = "outline"
+        out[f"fp_{kind}"] += 1
+    return out
 
 
 def match_dataset(

@@ -21,7 +21,7 @@ from islet_imaging.io import (
     write_labels,
     write_ome_tiff,
 )
-from islet_imaging.metrics import match
+from islet_imaging.metrics import error_kinds, match
 from islet_imaging.segment import Labels
 
 # -- hand-made label pairs ------------------------------------------------------------------------
@@ -270,6 +270,13 @@ def test_evaluate_dataset_hand_made(tmp_path: Path, fake_segment: list) -> None:
     assert nuc["ap@0.75"] == pytest.approx(2 / 5)  # the 0.7 pair is lost
     assert nuc["pq@0.5"] == pytest.approx((1 + 0.7 + 1) / (3 + 0.5))
     assert nuc["mean_ap"] == pytest.approx((3 / 4 + 2 / 5 + 2 / 5) / 3)
+    # why, at the lowest threshold: the one false positive lies on background
+    errors = {k: v for k, v in nuc.items() if k.startswith(("fn_", "fp_"))}
+    assert errors == {
+        "fn_missed@0.5": 0, "fn_split@0.5": 0, "fn_merged@0.5": 0, "fn_outline@0.5": 0,
+        "fp_spurious@0.5": 1, "fp_merged@0.5": 0, "fp_fragment@0.5": 0, "fp_outline@0.5": 0,
+    }  # fmt: skip
+    assert "true 0 missed, 0 split, 0 merged, 0 outline; predicted 1 spurious" in (result.table())
     assert pooled["default"]["nuclei"]["ap@0.9"] == 1.0
     # clusters only on "a" (b has no cluster labels: not scored, its empty prediction ignored)
     clu = pooled["default"]["clusters"]
@@ -322,6 +329,7 @@ def test_cli_json_csv_and_overwrite(
     with table.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(d["per_image"]) == 6
+    assert {r["fp_spurious@0.5"] for r in rows if r["model"] == "classical"} == {"0", "1"}
     assert {r["kind"] for r in rows if r["image"] == "b"} == {"nuclei"}
 
     # existing outputs are never replaced without --overwrite (and nothing is re-run)
@@ -453,7 +461,11 @@ def test_cli_end_to_end_two_models(tmp_path: Path, capsys: pytest.CaptureFixture
     fld = read_field(root / "images" / f"{name}.ome.tif")
     lab = segment_field(fld, stage="S6", model="classical")
     direct = ev.score_pairs([(truth, lab.nuclei)])
+    direct |= {f"{k}@0.5": v for k, v in error_kinds(truth, lab.nuclei, threshold=0.5).items()}
     assert d["pooled"]["classical"]["nuclei"] == pytest.approx(direct)
+    kinds = d["pooled"]["default"]["nuclei"]
+    assert sum(v for k, v in kinds.items() if k.startswith("fn_")) == kinds["fn@0.5"]
+    assert sum(v for k, v in kinds.items() if k.startswith("fp_")) == kinds["fp@0.5"]
     assert direct["ap@0.5"] > 0.6  # the classical baseline does well on clean synthetic nuclei
 
 

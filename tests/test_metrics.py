@@ -11,7 +11,10 @@ import pytest
 from islet_imaging.errors import InputError
 from islet_imaging.metrics import (
     DEFAULT_THRESHOLDS,
+    FN_KINDS,
+    FP_KINDS,
     count_error,
+    error_kinds,
     iou_matrix,
     match,
     match_dataset,
@@ -100,6 +103,42 @@ def test_merged_objects() -> None:
     assert m05.ap == pytest.approx(1 / 2)
     assert m05.f1 == pytest.approx(2 / 3)
     assert (m06.tp, m06.fp, m06.fn) == (0, 1, 2)
+
+
+def _error_scene() -> tuple[np.ndarray, np.ndarray]:
+    """One object of every error kind, 10 × 10 px true objects, exact by construction."""
+    truth = np.zeros((40, 100), np.int32)
+    pred = np.zeros_like(truth)
+    truth[0:10, 0:10] = 1
+    pred[0:10, 0:10] = 11  # matched exactly
+    truth[0:10, 15:25] = 2  # missed: nothing predicted there
+    truth[0:10, 30:42] = 3  # split in three thirds (IoU 1/3 each)
+    pred[0:10, 30:34], pred[0:10, 34:38], pred[0:10, 38:42] = 31, 32, 33
+    truth[0:10, 50:60], truth[0:10, 60:70] = 4, 5  # merged: one 10 × 22 prediction over both
+    pred[0:10, 50:72] = 45  # IoU 100/220 with each, so neither matches
+    truth[20:30, 4:14] = 6  # outline: inside an 18 × 18 prediction (IoU 100/324)
+    pred[16:34, 0:18] = 66
+    pred[20:30, 80:90] = 77  # spurious: on background
+    return truth, pred
+
+
+def test_error_kinds_name_each_unmatched_object() -> None:
+    truth, pred = _error_scene()
+    e = error_kinds(truth, pred, threshold=0.5)
+    assert e == {
+        "fn_missed": 1, "fn_split": 1, "fn_merged": 2, "fn_outline": 1,
+        "fp_spurious": 1, "fp_merged": 1, "fp_fragment": 3, "fp_outline": 1,
+    }  # fmt: skip
+    (m,) = match(truth, pred, thresholds=0.5)
+    assert sum(e[f"fn_{k}"] for k in FN_KINDS) == m.fn == 5
+    assert sum(e[f"fp_{k}"] for k in FP_KINDS) == m.fp == 6
+    # at IoU 0.3 the outline matches (0.31) and so does each third of the split (0.33)
+    e3 = error_kinds(truth, pred, threshold=0.3)
+    assert (e3["fn_outline"], e3["fp_outline"], e3["fn_split"], e3["fp_fragment"]) == (0, 0, 0, 2)
+    # nothing left unmatched, nothing to explain; ids need not correspond
+    assert set(error_kinds(truth, truth * 7).values()) == {0}
+    with pytest.raises(InputError):
+        error_kinds(truth, pred, threshold=0.0)
 
 
 def test_optimal_assignment_beats_greedy_below_half() -> None:
