@@ -158,13 +158,15 @@ class _Image(NamedTuple):
 
 
 def pooled_ap(
-    cached: list[Cached], model, thresholds, cls_name: str
+    cached: list[Cached], model, thresholds, cls_name: str, errors: dict[str, int] | None = None
 ) -> dict[str, tuple[float, float]]:
     """Pooled AP@0.5 and AP@0.75 per set and per group (stage) of the first set.
 
-    Each image is matched once; its matching is pooled into its set and its group.
+    Each image is matched once; its matching is pooled into its set and its group. ``errors``,
+    when given, receives why objects of the first set went unmatched at IoU 0.5
+    (:func:`islet_imaging.metrics.error_kinds`), summed over its images.
     """
-    from islet_imaging.metrics import match, pool_matchings
+    from islet_imaging.metrics import error_kinds, match, pool_matchings
     from islet_imaging.models.inference import field_instances
 
     per_key: dict[str, list] = defaultdict(list)
@@ -185,6 +187,10 @@ def pooled_ap(
         per_key[c.set].append(m)
         if c.set == first:
             per_key[c.group].append(m)
+            if errors is not None:
+                pred = nuclei if cls_name == "nuclei" else clusters
+                for k, v in error_kinds(c.truth, pred, threshold=0.5).items():
+                    errors[k] = errors.get(k, 0) + v
     return {
         k: tuple(float(pool_matchings([img[i] for img in v]).ap) for i in (0, 1))
         for k, v in per_key.items()
@@ -236,6 +242,12 @@ def search(
         ),
     )
     print(f"best: {candidates[k_best]} (current {current})")
+    errors: dict[str, int] = {}
+    pooled_ap(cached, model, dataclasses.replace(base, **candidates[k_best]), cls_name, errors)
+    print(
+        f"unmatched at IoU 0.5 there ({sets[0]}): "
+        + ", ".join(f"{k} {v}" for k, v in errors.items())
+    )
     return candidates[k_best]
 
 
