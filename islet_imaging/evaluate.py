@@ -50,12 +50,12 @@ JSON schema (``--out``)
       "failures": [{"data": ..., "image": ..., "model": <name or null>, "reason": ...}, ...]
     }
 
-``<metrics>`` is a flat mapping: ``n_images``, ``n_true``, ``n_pred``, ``mean_ap`` and, for
-each threshold ``t`` written as ``f"{t:g}"`` (``0.5``, ``0.55``, ...), ``ap@t``,
-``precision@t``, ``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the
-error kinds at the lowest threshold (above). A kind that no image has truth for is absent from ``pooled``. ``path`` is ``null`` for the classical baseline;
-``seconds`` is the model's total segmentation time. The ``--csv`` table has one row per
-(data, image, model, kind) with the same columns as ``per_image``.
+``<metrics>`` is a flat mapping: ``n_images``, ``n_true``, ``n_pred``, ``mean_ap`` and, for each
+threshold ``t`` written as ``f"{t:g}"`` (``0.5``, ``0.55``, ...), ``ap@t``, ``precision@t``,
+``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the error kinds at the lowest
+threshold (above). A kind that no image has truth for is absent from ``pooled``. ``path`` is
+``null`` for the classical baseline; ``seconds`` is the model's total segmentation time. The
+``--csv`` table has one row per (data, image, model, kind) with the same columns as ``per_image``.
 
 Examples
 --------

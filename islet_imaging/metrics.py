@@ -499,10 +499,13 @@ def error_kinds(
       true object;
     - ``outline``: one predicted object covers it, but too loosely to match.
 
-    Each false positive (unmatched prediction) is ``spurious`` (less than half of it on true
-    objects, and no fifth of any true object in it), ``merged`` (it holds a fifth or more of each of two true objects or more),
-    ``fragment`` (the true object it lies most on is split: two predictions or more each hold a
-    fifth of it) or ``outline``.
+    Each false positive (unmatched prediction) is, in this order:
+
+    - ``spurious``: less than half of it lies on true objects, and it holds no fifth of any;
+    - ``merged``: it holds a fifth or more of each of two true objects or more;
+    - ``fragment``: the true object it lies most on is matched to another prediction, or is
+      split (two predictions or more each hold a fifth of it);
+    - ``outline``: the loose outline of a true object left unmatched.
 
     Parameters
     ----------
@@ -568,7 +571,7 @@ def error_kinds(
             kind = "spurious"
         elif p_parts[j] >= 2:
             kind = "merged"
-        elif t_parts[p_main[j]] >= 2:
+        elif t_matched[p_main[j]] or t_parts[p_main[j]] >= 2:
             kind = "fragment"
         else:
             kind = "outline"

@@ -119,6 +119,8 @@ def _error_scene() -> tuple[np.ndarray, np.ndarray]:
     truth[20:30, 4:14] = 6  # outline: inside an 18 × 18 prediction (IoU 100/324)
     pred[16:34, 0:18] = 66
     pred[20:30, 80:90] = 77  # spurious: on background
+    truth[20:30, 40:50] = 7  # matched (IoU 0.8) by one prediction; a second one holds the rest
+    pred[20:30, 40:48], pred[20:30, 48:50] = 71, 72  # 72: a fragment, though no fifth of it
     return truth, pred
 
 
@@ -127,14 +129,14 @@ def test_error_kinds_name_each_unmatched_object() -> None:
     e = error_kinds(truth, pred, threshold=0.5)
     assert e == {
         "fn_missed": 1, "fn_split": 1, "fn_merged": 2, "fn_outline": 1,
-        "fp_spurious": 1, "fp_merged": 1, "fp_fragment": 3, "fp_outline": 1,
+        "fp_spurious": 1, "fp_merged": 1, "fp_fragment": 4, "fp_outline": 1,
     }  # fmt: skip
     (m,) = match(truth, pred, thresholds=0.5)
     assert sum(e[f"fn_{k}"] for k in FN_KINDS) == m.fn == 5
-    assert sum(e[f"fp_{k}"] for k in FP_KINDS) == m.fp == 6
+    assert sum(e[f"fp_{k}"] for k in FP_KINDS) == m.fp == 7
     # at IoU 0.3 the outline matches (0.31) and so does each third of the split (0.33)
     e3 = error_kinds(truth, pred, threshold=0.3)
-    assert (e3["fn_outline"], e3["fp_outline"], e3["fn_split"], e3["fp_fragment"]) == (0, 0, 0, 2)
+    assert (e3["fn_outline"], e3["fp_outline"], e3["fn_split"], e3["fp_fragment"]) == (0, 0, 0, 3)
     # nothing left unmatched, nothing to explain; ids need not correspond
     assert set(error_kinds(truth, truth * 7).values()) == {0}
     with pytest.raises(InputError):
