@@ -432,7 +432,8 @@ def test_resume_continues_exactly(tmp_path: Path, ema: float) -> None:
 
 def test_moving_average_follows_the_raw_weights_step_by_step(tmp_path: Path) -> None:
     # --ema: after every optimizer step, average = decay * average + (1 - decay) * raw weights,
-    # the first average being the initial weights; BatchNorm's running statistics likewise
+    # the first average being the weights after the first step (before it, the initial ones);
+    # BatchNorm's running statistics likewise
     root = _write_dataset(tmp_path / "ds", n=1)
     decay = 0.8
     cfg = _config(tmp_path, root, ema=decay, lr=1e-2)
@@ -440,7 +441,9 @@ def test_moving_average_follows_the_raw_weights_step_by_step(tmp_path: Path) -> 
     ds = get_dataset(cfg.data, mc)
     state = init_state(cfg, mc)
     assert state.net() is state.ema.module
-    expected = {k: v.detach().clone().double() for k, v in state.model.state_dict().items()}
+    initial = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    assert all(torch.equal(v, initial[k]) for k, v in state.net().state_dict().items())
+    expected: dict[str, torch.Tensor] = {}
     torch.set_num_threads(1)
     for _ in range(4):
         train_one_epoch(
@@ -448,7 +451,8 @@ def test_moving_average_follows_the_raw_weights_step_by_step(tmp_path: Path) -> 
         )
         for k, v in state.model.state_dict().items():
             if v.is_floating_point():
-                expected[k] = decay * expected[k] + (1 - decay) * v.double()
+                new = v.double()
+                expected[k] = new if k not in expected else decay * expected[k] + (1 - decay) * new
     averaged = state.ema.module.state_dict()
     raw = state.model.state_dict()
     weight = next(k for k in raw if k.endswith("weight") and raw[k].ndim == 4)
