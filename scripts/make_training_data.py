@@ -8,7 +8,11 @@ Writes, under ``--out`` (default ``runs/data``, git-ignored):
   plus ``--n-3d`` z-stacks per aggregate stage (used plane by plane), each at a pixel size drawn
   uniformly from ``--pixel-size-range`` (µm), so the network sees different samplings after
   rescaling to its training scale. ``--train-seeds START STOP`` draws them from another seed
-  range (inside 0–999), e.g. a second, disjoint training set.
+  range (inside 0–999), e.g. a second, disjoint training set. ``--touching P`` makes touching
+  clusters more (or less) frequent in the training fields of the colony and aggregate stages: each
+  new cluster is placed against an earlier one with probability ``P`` instead of the stage's own
+  (0.3–0.5), so the network sees more of the contacts it merges most (validation fields keep the
+  stages' own looks).
 - ``synth_val/``: the same with seeds 1000–1099 (validation and threshold tuning).
   Seeds ≥ 9000 are the held-out test set (benchmarks/accuracy.py) and are never used here.
 - ``dsb_train/`` and ``dsb_val/``: the ``train`` and ``val`` splits of the DSB 2018 fluorescence
@@ -22,12 +26,16 @@ Usage::
     # a second training set from the unused seeds, written to runs/data2/synth_train only
     .venv/bin/python scripts/make_training_data.py --out runs/data2 --train-only \
         --train-seeds 448 1000 --n-2d 60 --n-3d 8 --workers 2
+    # the same with touching clusters in most fields
+    .venv/bin/python scripts/make_training_data.py --out runs/data3 --train-only \
+        --train-seeds 448 1000 --n-2d 60 --n-3d 8 --workers 2 --touching 0.8
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import sys
@@ -41,6 +49,7 @@ from islet_imaging.io import read_labels
 from islet_imaging.stages import BUILTIN_STAGES
 from islet_imaging.synth import generate_field
 from islet_imaging.synth._dataset import metadata_row, write_metadata, write_synth_field
+from islet_imaging.synth._stages import look_for
 
 log = logging.getLogger("make_training_data")
 
@@ -52,9 +61,22 @@ DSB_STAGE = "definitive-endoderm"
 
 
 def _write_synth(
-    out: Path, name: str, stage: str, seed: int, size: int, z: int, pixel_size: float
+    out: Path,
+    name: str,
+    stage: str,
+    seed: int,
+    size: int,
+    z: int,
+    pixel_size: float,
+    touching: float | None = None,
 ) -> dict[str, object]:
-    s = generate_field(stage, seed=seed, size=size, z=z, pixel_size_um=pixel_size, z_step_um=2.0)
+    profile = next(p for p in BUILTIN_STAGES if p.name == stage)
+    look = look_for(profile)
+    if touching is not None and look.layout != "sheet":  # monolayer sheets have no blobs
+        look = dataclasses.replace(look, touching=touching)
+    s = generate_field(
+        profile, seed=seed, size=size, z=z, pixel_size_um=pixel_size, z_step_um=2.0, look=look
+    )
     write_synth_field(out, name, s, overwrite=True)
     row = metadata_row(name, s)
     row["pixel_size_um"] = round(pixel_size, 4)  # as the shipped model's data were written
@@ -71,6 +93,7 @@ def make_synth(
     z: int,
     pixel_size_range: tuple[float, float],
     workers: int = 1,
+    touching: float | None = None,
 ) -> None:
     """Synthetic fields of every stage into ``out`` (dataset layout + metadata.csv)."""
     jobs = []
@@ -88,7 +111,7 @@ def make_synth(
                 continue
             px = float(np.random.default_rng([seed, 17]).uniform(*pixel_size_range))
             name = f"{profile.short_name}_s{seed:04d}" + ("_3d" if is_3d else "")
-            jobs.append((out, name, profile.name, seed, size, z if is_3d else 1, px))
+            jobs.append((out, name, profile.name, seed, size, z if is_3d else 1, px, touching))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(_write_synth, *zip(*jobs, strict=True)))
@@ -179,7 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         help="write synth_train only (no validation fields, no DSB links)",
     )
     p.add_argument("--workers", type=int, default=1, help="processes generating fields")
+    p.add_argument(
+        "--touching",
+        type=float,
+        default=None,
+        metavar="P",
+        help="probability (0-1) that a new cluster of a training field touches an earlier one, "
+        "for the colony and aggregate stages (default: each stage's own, 0.3-0.5)",
+    )
     args = p.parse_args(argv)
+    if args.touching is not None and not 0 <= args.touching <= 1:
+        p.error(f"--touching {args.touching:g}: give a probability between 0 and 1, e.g. 0.8")
     train_seeds = range(*args.train_seeds)
     if not (TRAIN_SEEDS.start <= train_seeds.start < train_seeds.stop <= TRAIN_SEEDS.stop):
         p.error(
@@ -212,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             z=args.z,
             pixel_size_range=(lo, hi),
             workers=args.workers,
+            touching=args.touching,
         )
     if not args.train_only and args.dsb.is_dir():
         for split in ("train", "val"):
