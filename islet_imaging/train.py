@@ -1116,6 +1116,75 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
     return state
 
 
+def export_checkpoint(
+    path: str | Path, out: str | Path, *, average: bool = True, overwrite: bool = False
+) -> Path:
+    """Write a checkpoint's network as a model directory (config, weights, thresholds, card).
+
+    For a run whose kept model is not the one wanted: an interrupted run, an intermediate
+    epoch, or the last step of a run that kept its starting model because no epoch beat it on
+    validation. The config and thresholds are those the checkpoint stores (the run's model
+    config: its ``--init`` model's thresholds, not tuned for these weights; tune them with
+    ``scripts/tune_postprocess.py --write``).
+
+    Parameters
+    ----------
+    path : path
+        A ``best.pt`` or ``last.pt`` written by :func:`save_checkpoint`.
+    out : path
+        The model directory to write.
+    average : bool
+        The moving average of the weights when the run kept one (``--ema``), else the raw
+        weights; ``False``: always the raw weights.
+    overwrite : bool
+        Replace an existing model directory.
+    """
+    import torch
+
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models._modeldir import save_model, write_model_card
+    from islet_imaging.models._network import build_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found; give a run's best.pt or last.pt", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model_config = ModelConfig.from_dict(json.loads(payload["model_config"]), where=str(path))
+        config = TrainConfig.from_dict(json.loads(payload["train_config"]))
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt or foreign file
+        raise InputError(f"cannot read checkpoint: {exc}", path) from exc
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            "the model directory already exists; choose another --out or pass --overwrite", out
+        )
+    averaged = average and "ema" in payload
+    if averaged:
+        state = {
+            k.removeprefix("module."): v for k, v in payload["ema"].items() if k != "n_averaged"
+        }
+    else:
+        state = payload["model"]
+    network = build_network(model_config)
+    network.load_state_dict(state)
+    step = int(payload["step"])
+    save_model(out, network, model_config, model_config.thresholds, overwrite=True)
+    which = f"the moving average (decay {config.ema:g})" if averaged else "the raw weights"
+    write_model_card(
+        out,
+        training_data=f"Exported from {path} (step {step} of {config.epochs * config.steps_per_epoch}"
+        f"), {which}, by islet_imaging.train.export_checkpoint. The run's data and options: "
+        f"{path.parent / 'train_config.json'}. Thresholds are the run's starting model's, "
+        "not tuned for these weights.",
+        command="islet-imaging train " + " ".join(_config_to_argv(config)),
+    )
+    log.info("wrote %s from %s (step %d, %s)", out, path, step, which)
+    return out
+
+
 def checkpoint_configs(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The train config and model-config dict stored in a checkpoint."""
     import torch

@@ -550,6 +550,36 @@ def test_main_with_ema_writes_the_averaged_weights(tmp_path: Path) -> None:
     assert "--ema 0.5" in (out / "README.md").read_text()
 
 
+def test_export_checkpoint_writes_the_average_or_the_raw_weights(tmp_path: Path) -> None:
+    from islet_imaging.models._modeldir import load_model
+    from islet_imaging.train import export_checkpoint
+
+    train = _write_dataset(tmp_path / "train", n=1)
+    cfg = _config(tmp_path, train, ema=0.5, tune=False)
+    main(cfg, progress=False)  # no validation set: best = the lowest training loss
+    last = Path(cfg.run_dir) / "last.pt"
+    payload = torch.load(last, map_location="cpu", weights_only=True)
+    key = next(
+        k for k in payload["model"] if k.endswith("weight") and payload["model"][k].ndim == 4
+    )
+    for average, expected in (
+        (True, payload["ema"][f"module.{key}"]),
+        (False, payload["model"][key]),
+    ):
+        out = export_checkpoint(last, tmp_path / f"export_{average}", average=average)
+        got = load_model(out, device="cpu").network.state_dict()[key]
+        assert torch.equal(got, expected), average
+        assert ("moving average" in (out / "README.md").read_text()) is average
+    assert not torch.equal(payload["ema"][f"module.{key}"], payload["model"][key])
+    with pytest.raises(InputError, match="already exists"):
+        export_checkpoint(last, tmp_path / "export_True")
+    with pytest.raises(InputError, match="checkpoint not found"):
+        export_checkpoint(tmp_path / "nope.pt", tmp_path / "x")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        export_checkpoint(tmp_path / "bad.pt", tmp_path / "y")
+
+
 def test_cli_parses_train_options(tmp_path: Path) -> None:
     from islet_imaging.cli import build_parser
     from islet_imaging.train import config_from_args
