@@ -550,7 +550,9 @@ def error_kinds(
         # per object, the object of the other image it overlaps most (-1: none)
         best = np.full(n, -1, np.int64)
         order = np.lexsort((inter, own))  # by object, then by intersection ascending
-        best[own[order]] = other[order]  # the last write per object is its largest overlap
+        own_s, other_s = own[order], other[order]
+        last = np.append(own_s[1:] != own_s[:-1], True)[: own_s.size]  # each one's largest
+        best[own_s[last]] = other_s[last]
         return best
 
     t_main = main_partner(ov.rows, ov.cols, nt)

@@ -1484,7 +1484,7 @@ def finish(
     run_dir = Path(config.run_dir)
     best = run_dir / "best.pt"
     if best.is_file():
-        payload = torch.load(best, map_location=state.device, weights_only=True)
+        payload = torch.load(best, map_location="cpu", weights_only=True)
         state.model.load_state_dict(payload["model"])
         if state.ema is not None:
             state.ema.load_state_dict(payload["ema"])

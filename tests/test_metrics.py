@@ -139,6 +139,11 @@ def test_error_kinds_name_each_unmatched_object() -> None:
     assert (e3["fn_outline"], e3["fp_outline"], e3["fn_split"], e3["fp_fragment"]) == (0, 0, 0, 3)
     # nothing left unmatched, nothing to explain; ids need not correspond
     assert set(error_kinds(truth, truth * 7).values()) == {0}
+    # no overlap at all: every true object missed, every prediction spurious
+    empty = np.zeros_like(truth)
+    assert error_kinds(truth, empty)["fn_missed"] == 7
+    assert error_kinds(empty, pred)["fp_spurious"] == len(np.unique(pred)) - 1
+    assert set(error_kinds(empty, empty).values()) == {0}
     with pytest.raises(InputError):
         error_kinds(truth, pred, threshold=0.0)
 
