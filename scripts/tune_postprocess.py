@@ -19,6 +19,9 @@ the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then the z-stack levels
 apart) of the aggregate stages, from the first ``--n-3d`` seeds: the best pooled AP@0.5 (ties:
 AP@0.75).
 
+After each search it prints why objects went unmatched at IoU 0.5 with the best values
+(:func:`islet_imaging.metrics.error_kinds`: missed, split, merged, ...).
+
 Synthetic tuning fields: seeds ``--seeds`` (default 1100-1115: neither training seeds 0-1099
 nor the held-out benchmark seeds >= 9000), ``--size``² px, each at a pixel size drawn uniformly
 from ``--pixel-size-range`` µm.
