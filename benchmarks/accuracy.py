@@ -63,13 +63,9 @@ def _ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
 
 def _unmatched(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
     """Why objects went unmatched at IoU 0.5 (:func:`islet_imaging.metrics.error_kinds`), summed."""
-    from islet_imaging.metrics import error_kinds
+    from islet_imaging.metrics import error_kinds, pool_error_kinds
 
-    total: dict[str, int] = {}
-    for truth, pred in pairs:
-        for k, v in error_kinds(truth, pred, threshold=THRESHOLDS[0]).items():
-            total[k] = total.get(k, 0) + v
-    return total
+    return pool_error_kinds(error_kinds(t, p, threshold=THRESHOLDS[0]) for t, p in pairs)
 
 
 def _segment(field, stage: str, method: str, nucleus_diameter: float | None = None):

@@ -395,12 +395,11 @@ class Evaluation:
 
     def pooled_errors(self, model: str, kind: str) -> dict[str, int]:
         """The error kinds at the lowest threshold, added over the images."""
-        total: dict[str, int] = {}
-        for s in self.per_image:
-            if s.model == model and s.kind == kind:
-                for k, v in s.errors.items():
-                    total[k] = total.get(k, 0) + v
-        return total
+        from islet_imaging.metrics import pool_error_kinds
+
+        return pool_error_kinds(
+            s.errors for s in self.per_image if s.model == model and s.kind == kind
+        )
 
     def seconds(self, model: str) -> float:
         """Total segmentation time of ``model`` over the scored images."""

@@ -54,6 +54,7 @@ __all__ = [
     "matching_table",
     "measurement_errors",
     "percentage_point_error",
+    "pool_error_kinds",
     "pool_matchings",
     "relative_error",
 ]
@@ -579,6 +580,21 @@ def error_kinds(
             kind = "outline"
         out[f"fp_{kind}"] += 1
     return out
+
+
+def pool_error_kinds(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """:func:`error_kinds` results (e.g. of several images) added up, kind by kind.
+
+    Examples
+    --------
+    >>> pool_error_kinds([{"fn_merged": 1, "fp_spurious": 0}, {"fn_merged": 2, "fp_spurious": 1}])
+    {'fn_merged': 3, 'fp_spurious': 1}
+    """
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
 
 
 def match_dataset(

@@ -161,13 +161,13 @@ class _Image(NamedTuple):
 
 
 def pooled_ap(
-    cached: list[Cached], model, thresholds, cls_name: str, errors: dict[str, int] | None = None
+    cached: list[Cached], model, thresholds, cls_name: str, errors: list | None = None
 ) -> dict[str, tuple[float, float]]:
     """Pooled AP@0.5 and AP@0.75 per set and per group (stage) of the first set.
 
     Each image is matched once; its matching is pooled into its set and its group. ``errors``,
-    when given, receives why objects of the first set went unmatched at IoU 0.5
-    (:func:`islet_imaging.metrics.error_kinds`), summed over its images.
+    when given, receives why objects of each image of the first set went unmatched at IoU 0.5
+    (:func:`islet_imaging.metrics.error_kinds`).
     """
     from islet_imaging.metrics import error_kinds, match, pool_matchings
     from islet_imaging.models.inference import field_instances
@@ -192,8 +192,7 @@ def pooled_ap(
             per_key[c.group].append(m)
             if errors is not None:
                 pred = nuclei if cls_name == "nuclei" else clusters
-                for k, v in error_kinds(c.truth, pred, threshold=0.5).items():
-                    errors[k] = errors.get(k, 0) + v
+                errors.append(error_kinds(c.truth, pred, threshold=0.5))
     return {
         k: tuple(float(pool_matchings([img[i] for img in v]).ap) for i in (0, 1))
         for k, v in per_key.items()
@@ -245,11 +244,13 @@ def search(
         ),
     )
     print(f"best: {candidates[k_best]} (current {current})")
-    errors: dict[str, int] = {}
+    from islet_imaging.metrics import pool_error_kinds
+
+    errors: list[dict[str, int]] = []
     pooled_ap(cached, model, dataclasses.replace(base, **candidates[k_best]), cls_name, errors)
     print(
         f"unmatched at IoU 0.5 there ({sets[0]}): "
-        + ", ".join(f"{k} {v}" for k, v in errors.items())
+        + ", ".join(f"{k} {v}" for k, v in pool_error_kinds(errors).items())
     )
     return candidates[k_best]
 
