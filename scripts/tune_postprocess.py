@@ -213,8 +213,10 @@ def search(
     over the sets of their pooled AP@0.5 (ties: the mean AP@0.75). Last tie-break: the candidate
     closest to the current values.
     """
+    errors: list[list[dict[str, int]]] = [[] for _ in candidates]
     results = [
-        pooled_ap(cached, model, dataclasses.replace(base, **c), cls_name) for c in candidates
+        pooled_ap(cached, model, dataclasses.replace(base, **c), cls_name, e)
+        for c, e in zip(candidates, errors, strict=True)
     ]
     sets = list(dict.fromkeys(c.set for c in cached))
     cols = [k for k in results[0] if k not in sets] if len(sets) == 1 else sets
@@ -246,11 +248,9 @@ def search(
     print(f"best: {candidates[k_best]} (current {current})")
     from islet_imaging.metrics import pool_error_kinds
 
-    errors: list[dict[str, int]] = []
-    pooled_ap(cached, model, dataclasses.replace(base, **candidates[k_best]), cls_name, errors)
     print(
         f"unmatched at IoU 0.5 there ({sets[0]}): "
-        + ", ".join(f"{k} {v}" for k, v in pool_error_kinds(errors).items())
+        + ", ".join(f"{k} {v}" for k, v in pool_error_kinds(errors[k_best]).items())
     )
     return candidates[k_best]
 
