@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from islet_imaging.io import read_labels
-from islet_imaging.stages import BUILTIN_STAGES
+from islet_imaging.stages import BUILTIN_STAGES, get_stage
 from islet_imaging.synth import generate_field
 from islet_imaging.synth._dataset import metadata_row, write_metadata, write_synth_field
 from islet_imaging.synth._stages import look_for
@@ -70,7 +70,7 @@ def _write_synth(
     pixel_size: float,
     touching: float | None = None,
 ) -> dict[str, object]:
-    profile = next(p for p in BUILTIN_STAGES if p.name == stage)
+    profile = get_stage(stage)
     look = look_for(profile)
     if touching is not None and look.layout != "sheet":  # monolayer sheets have no blobs
         look = dataclasses.replace(look, touching=touching)
