@@ -1078,18 +1078,34 @@ def save_checkpoint(
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
-    """Restore a :class:`TrainState` in place from :func:`save_checkpoint` output."""
+def _read_checkpoint(path: Path, *, missing: str, map_location: str = "cpu") -> dict[str, Any]:
+    """A :func:`save_checkpoint` payload, its two configs decoded into dicts.
+
+    Raises :class:`InputError` naming the file: ``missing`` when there is none, "cannot read
+    checkpoint" when it is corrupt or not a checkpoint.
+    """
     import torch
 
-    path = Path(path)
     if not path.is_file():
-        raise InputError("checkpoint not found; give the run's last.pt to --resume", path)
+        raise InputError(missing, path)
     try:
-        payload = torch.load(path, map_location=state.device, weights_only=True)
-        stored = json.loads(payload["model_config"])
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        for key in ("model_config", "train_config"):
+            payload[key] = json.loads(payload[key])
     except Exception as exc:  # corrupt or foreign file
         raise InputError(f"cannot read checkpoint: {exc}", path) from exc
+    return payload
+
+
+def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
+    """Restore a :class:`TrainState` in place from :func:`save_checkpoint` output."""
+    path = Path(path)
+    payload = _read_checkpoint(
+        path,
+        missing="checkpoint not found; give the run's last.pt to --resume",
+        map_location=state.device,
+    )
+    stored = payload["model_config"]
     current = json.loads(json.dumps(state.model.config.to_dict()))
     _refuse_differences(
         stored,
@@ -1139,28 +1155,16 @@ def export_checkpoint(
     overwrite : bool
         Replace an existing model directory.
     """
-    import torch
-
     from islet_imaging.models._config import ModelConfig
     from islet_imaging.models._modeldir import save_model, write_model_card
     from islet_imaging.models._network import build_network
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError("checkpoint not found; give a run's best.pt or last.pt", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model_config = ModelConfig.from_dict(json.loads(payload["model_config"]), where=str(path))
-        config = TrainConfig.from_dict(json.loads(payload["train_config"]))
-    except InputError:
-        raise
-    except Exception as exc:  # corrupt or foreign file
-        raise InputError(f"cannot read checkpoint: {exc}", path) from exc
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(
-            "the model directory already exists; choose another --out or pass --overwrite", out
-        )
+    payload = _read_checkpoint(
+        path, missing="checkpoint not found; give a run's best.pt or last.pt"
+    )
+    model_config = ModelConfig.from_dict(payload["model_config"], where=str(path))
+    config = TrainConfig.from_dict(payload["train_config"])
     averaged = average and "ema" in payload
     if averaged:
         state = {
@@ -1171,7 +1175,7 @@ def export_checkpoint(
     network = build_network(model_config)
     network.load_state_dict(state)
     step = int(payload["step"])
-    save_model(out, network, model_config, model_config.thresholds, overwrite=True)
+    out = save_model(out, network, model_config, model_config.thresholds, overwrite=overwrite)
     which = f"the moving average (decay {config.ema:g})" if averaged else "the raw weights"
     write_model_card(
         out,
@@ -1187,13 +1191,8 @@ def export_checkpoint(
 
 def checkpoint_configs(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The train config and model-config dict stored in a checkpoint."""
-    import torch
-
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return (
-        TrainConfig.from_dict(json.loads(payload["train_config"])),
-        json.loads(payload["model_config"]),
-    )
+    payload = _read_checkpoint(Path(path), missing="checkpoint not found")
+    return TrainConfig.from_dict(payload["train_config"]), payload["model_config"]
 
 
 def _append_log(path: Path, row: dict[str, Any]) -> None:
