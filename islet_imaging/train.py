@@ -638,6 +638,7 @@ ARCHITECTURE_KEYS: tuple[str, ...] = (
     "base_channels",
     "depth",
     "max_channels",
+    "context_blocks",
     "norm",
     "activation",
     "heads",

@@ -55,6 +55,7 @@ _LAZY = {
     "FORMAT_VERSION": "islet_imaging.models._config",
     "UNet": "islet_imaging.models._network",
     "build_network": "islet_imaging.models._network",
+    "add_context_blocks": "islet_imaging.models._network",
     "count_parameters": "islet_imaging.models._network",
     "fuse_for_inference": "islet_imaging.models._network",
     "make_targets": "islet_imaging.models._targets",

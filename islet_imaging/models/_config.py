@@ -180,6 +180,12 @@ class ModelConfig:
         multiple of ``2 ** (depth - 1)``.
     max_channels : int
         Cap on the channels of the deepest levels.
+    context_blocks : int
+        Residual blocks of dilated 3×3 convolutions at the deepest level (block ``k`` dilated
+        ``2 ** (k + 1)``), which widen the receptive field without more downsampling: each adds
+        ``4 · 2 ** (k + 1) · 2 ** (depth - 1)`` pixels (at depth 5: 128, 256, ...). Each starts as
+        the identity (its last normalisation, or convolution, is zero), so blocks can be added to
+        a trained network without changing its output (:func:`~islet_imaging.models.add_context_blocks`).
     norm : {"batch", "group", "none"}
         Normalisation after each convolution.
     activation : {"relu", "silu", "leaky_relu"}
@@ -213,6 +219,7 @@ class ModelConfig:
     base_channels: int = 16
     depth: int = 5
     max_channels: int = 256
+    context_blocks: int = 0
     norm: str = "batch"
     activation: str = "relu"
     heads: dict[str, tuple[str, ...]] = field(
@@ -240,7 +247,12 @@ class ModelConfig:
                 f"config: inputs {list(inputs)} must be a non-empty list of {list(INPUT_KINDS)}"
             )
         object.__setattr__(self, "inputs", inputs)
-        for key, lo, hi in (("base_channels", 1, 512), ("depth", 1, 8), ("max_channels", 1, 2048)):
+        for key, lo, hi in (
+            ("base_channels", 1, 512),
+            ("depth", 1, 8),
+            ("max_channels", 1, 2048),
+            ("context_blocks", 0, 4),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ModelError(f"config: {key}={value!r} must be an integer in [{lo}, {hi}]")
@@ -361,6 +373,7 @@ class ModelConfig:
             "base_channels": self.base_channels,
             "depth": self.depth,
             "max_channels": self.max_channels,
+            "context_blocks": self.context_blocks,
             "norm": self.norm,
             "activation": self.activation,
             "heads": {k: list(v) for k, v in self.heads.items()},

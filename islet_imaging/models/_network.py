@@ -9,7 +9,9 @@ Architecture (default ``base_channels=16, depth=5, max_channels=256``): levels w
 16-32-64-128-256 channels, two 3×3 convolutions + norm + activation per level, 2×2 max pooling
 down, bilinear upsampling + 1×1 convolution up, skip connections by concatenation, a 1×1 head.
 About 1.8 M parameters; input height and width must be multiples of ``2 ** (depth - 1)``
-(inference pads). Receptive field ≈ 2 · 2**depth · 3 pixels (≈ 190 px at depth 5).
+(inference pads). Receptive field ≈ 2 · 2**depth · 3 pixels (≈ 190 px at depth 5), widened by
+``config.context_blocks`` residual blocks of dilated convolutions at the deepest level
+(:class:`ContextBlock`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from islet_imaging.errors import ModelError
 from islet_imaging.models._config import ModelConfig
 
-__all__ = ["UNet", "build_network", "count_parameters", "fuse_for_inference"]
+__all__ = [
+    "ContextBlock",
+    "UNet",
+    "add_context_blocks",
+    "build_network",
+    "count_parameters",
+    "fuse_for_inference",
+]
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -54,6 +64,32 @@ class ConvBlock(nn.Sequential):
             _norm(norm, cout),
             _act(act),
         )
+
+
+class ContextBlock(nn.Module):
+    """``x + body(x)``: two dilated 3×3 convolutions (+ norm), the activation between them.
+
+    The body's last normalisation (or, without one, its last convolution) starts at zero, so a
+    new block is the identity: it can be added to a trained network without changing it.
+    """
+
+    def __init__(self, channels: int, dilation: int, norm: str, act: str) -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=bias),
+            _norm(norm, channels),
+            _act(act),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=bias),
+            _norm(norm, channels),
+        )
+        last = self.body[-1] if norm != "none" else self.body[-2]
+        nn.init.zeros_(last.weight)  # type: ignore[arg-type]
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 class Up(nn.Module):
@@ -92,6 +128,12 @@ class UNet(nn.Module):
         for c in ch:
             self.down.append(ConvBlock(cin, c, config.norm, config.activation))
             cin = c
+        self.context = nn.Sequential(
+            *(
+                ContextBlock(ch[-1], 2 ** (k + 1), config.norm, config.activation)
+                for k in range(config.context_blocks)
+            )
+        )
         self.up = nn.ModuleList(
             Up(ch[i + 1], ch[i], config.norm, config.activation)
             for i in reversed(range(len(ch) - 1))
@@ -105,7 +147,7 @@ class UNet(nn.Module):
                 x = F.max_pool2d(x, 2)
             x = block(x)
             skips.append(x)
-        skips.pop()
+        x = self.context(skips.pop())
         for up in self.up:
             x = up(x, skips.pop())
         return self.head(x)
@@ -119,6 +161,27 @@ class UNet(nn.Module):
 def build_network(config: ModelConfig) -> UNet:
     """A freshly initialised network for ``config`` (PyTorch default initialisation)."""
     return UNet(config)
+
+
+def add_context_blocks(network: UNet, n: int) -> UNet:
+    """A copy of ``network`` with ``n`` more :class:`ContextBlock` s at its deepest level.
+
+    The new blocks start as the identity, so the copy's outputs equal the original's; training
+    then widens its receptive field. The copy's config has ``context_blocks`` raised by ``n``.
+    """
+    config = network.config
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ModelError(
+            f"the number of context blocks to add must be a positive integer, got {n!r}"
+        )
+    try:
+        config = config.replace(context_blocks=config.context_blocks + n)
+    except ModelError as exc:
+        raise ModelError(f"cannot add {n} context block(s): {exc}") from None
+    grown = UNet(config)
+    missing, unexpected = grown.load_state_dict(network.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("context.") for k in missing)
+    return grown.train(network.training)
 
 
 def count_parameters(model: nn.Module) -> int:
