@@ -137,6 +137,10 @@ class TrainConfig:
     model_config : dict
         Overrides of :class:`~islet_imaging.models._config.ModelConfig` fields for a new network
         (``init="scratch"`` only; e.g. ``{"base_channels": 16}``).
+    add_context_blocks : int
+        With an ``init`` model: grow its network by this many context blocks (dilated
+        residual blocks at the deepest level, which start as the identity: see
+        :func:`~islet_imaging.models.add_context_blocks`) before fine-tuning.
     patch_size, batch_size : int
         Training patch side (px, at the model scale) and patches per step.
     epochs : int
@@ -209,6 +213,7 @@ class TrainConfig:
     touch_weight_distance: float = 1.0
     cluster_touch_band_px: int = 1
     ema: float = 0.0
+    add_context_blocks: int = 0
     seed: int = 0
     threads: int = 2
     device: str = "auto"
@@ -278,6 +283,16 @@ class TrainConfig:
             raise InputError(
                 "--model-config sets the architecture of a new network; it needs --init scratch "
                 f"(fine-tuning keeps the architecture of the --init model {self.init!r})"
+            )
+        if self.add_context_blocks < 0:
+            raise InputError(
+                f"--add-context-blocks {self.add_context_blocks} must be >= 0 (0: keep the "
+                "architecture)"
+            )
+        if self.add_context_blocks and self.init == "scratch":
+            raise InputError(
+                "--add-context-blocks grows the --init model; for a new network give "
+                "--model-config '{\"context_blocks\": N}'"
             )
         if not self.run_dir:
             object.__setattr__(self, "run_dir", str(Path(self.out).with_suffix(".run")))
@@ -700,8 +715,13 @@ def build_model_config(config: TrainConfig) -> tuple[ModelConfig, dict[str, Any]
         from islet_imaging.models._modeldir import load_model
 
         loaded = load_model(config.init, device="cpu")
+        network = loaded.network
+        if config.add_context_blocks:
+            from islet_imaging.models._network import add_context_blocks
+
+            network = add_context_blocks(network, config.add_context_blocks)
         # start from the init model's tuned thresholds; the network is copied by init_state
-        return loaded.config.replace(thresholds=loaded.thresholds), loaded.network.state_dict()
+        return network.config.replace(thresholds=loaded.thresholds), network.state_dict()
     return ModelConfig(**config.model_config), None
 
 
@@ -1113,7 +1133,8 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainState:
         current,
         ARCHITECTURE_KEYS,
         "the checkpoint is of another architecture",
-        "resume with the options (--init, --model-config) of the run that wrote it",
+        "resume with the options (--init, --model-config, --add-context-blocks) of the run that "
+        "wrote it",
         path,
     )
     state.model.load_state_dict(payload["model"])
@@ -1615,6 +1636,8 @@ def _config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--out", config.out, "--init", config.init, "--epochs", str(config.epochs)]
     argv += ["--steps-per-epoch", str(config.steps_per_epoch), "--lr", f"{config.lr:g}"]
     argv += ["--ema", f"{config.ema:g}"] if config.ema else []
+    if config.add_context_blocks:
+        argv += ["--add-context-blocks", str(config.add_context_blocks)]
     argv += ["--seed", str(config.seed)]
     return argv
 
@@ -1674,6 +1697,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-config",
         default="",
         help="with --init scratch: JSON object of ModelConfig fields, e.g. '{\"depth\": 4}'",
+    )
+    model.add_argument(
+        "--add-context-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="grow the --init model by N dilated residual blocks at its deepest level (a wider "
+        "receptive field; they start as the identity) before fine-tuning (default 0)",
     )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
@@ -1808,6 +1839,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
         ema=args.ema,
+        add_context_blocks=args.add_context_blocks,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         w_clusters=args.w_clusters,

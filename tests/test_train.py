@@ -503,6 +503,10 @@ def test_train_config_validation() -> None:
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(InputError, match="--ema"):
             TrainConfig(data=("x",), ema=bad)
+    with pytest.raises(InputError, match="--add-context-blocks -1 must be >= 0"):
+        TrainConfig(data=("x",), add_context_blocks=-1)
+    with pytest.raises(InputError, match=r"grows the --init model.*context_blocks"):
+        TrainConfig(data=("x",), init="scratch", add_context_blocks=1)
     assert TrainConfig(data=("x",), epochs=3, steps_per_epoch=7).steps == 21
 
 
@@ -735,6 +739,42 @@ def test_fine_tuning_starts_from_the_init_model(tmp_path: Path) -> None:
         main(TrainConfig(data=(str(root),), out=str(base), init=str(base)), progress=False)
 
 
+def test_fine_tuning_can_grow_context_blocks(tmp_path: Path) -> None:
+    from islet_imaging.models._modeldir import load_model
+    from islet_imaging.train import build_model_config
+
+    root = _write_dataset(tmp_path / "ds", n=1)
+    base = main(_config(tmp_path, root, epochs=1, tune=False), progress=False)
+    reference = load_model(base, device="cpu")
+    assert reference.config.context_blocks == 0
+    cfg = TrainConfig(
+        data=(str(root),),
+        out=str(tmp_path / "ft"),
+        init=str(base),
+        add_context_blocks=2,
+        steps_per_epoch=1,
+    )
+    mc, weights = build_model_config(cfg)
+    assert mc.context_blocks == 2 and mc.base_channels == 4  # grown, otherwise the same
+    grown = init_state(cfg, mc, weights).model.eval()
+    x = torch.rand(1, 2, 32, 32)
+    with torch.inference_mode():  # the new blocks start as the identity (channels_last: rounding)
+        torch.testing.assert_close(grown(x), reference.network(x), rtol=0, atol=1e-6)
+    ft = main(
+        dataclasses.replace(
+            _config(tmp_path, root, epochs=1, tune=False),
+            init=str(base),
+            model_config={},
+            add_context_blocks=2,
+            out=str(tmp_path / "grown"),
+            run_dir="",
+        ),
+        progress=False,
+    )
+    assert load_model(ft, device="cpu").config.context_blocks == 2
+    assert "--add-context-blocks 2" in (Path(ft) / "README.md").read_text()
+
+
 def test_existing_model_directory_is_not_overwritten(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path / "ds", n=1)
     out = tmp_path / "model"
@@ -757,6 +797,9 @@ def test_resume_refuses_another_architecture_or_other_options(tmp_path: Path) ->
     other = init_state(cfg, ModelConfig(**{**TINY, "base_channels": 8}))
     with pytest.raises(InputError, match=r"another architecture.*base_channels"):
         load_checkpoint(ckpt, other)
+    grown = init_state(cfg, ModelConfig(**{**TINY, "context_blocks": 1}))
+    with pytest.raises(InputError, match=r"context_blocks: 0 there, 1 now.*--add-context-blocks"):
+        load_checkpoint(ckpt, grown)
     with pytest.raises(InputError, match=r"other options.*lr"):
         check_resume_config(ckpt, _config(tmp_path, root, lr=0.5))
     check_resume_config(ckpt, _config(tmp_path, root, threads=2))  # harmless change
