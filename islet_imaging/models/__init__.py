@@ -5,10 +5,10 @@ Importing this package is cheap; torch loads when a name that needs it is first 
 The contract (names below are stable)
 -------------------------------------
 **Config** — :class:`ModelConfig` (``_config.py``), a frozen dataclass stored as ``config.json``:
-architecture (``base_channels``, ``depth``, ``max_channels``, ``norm``, ``activation``), ``inputs``
-(ordered input kinds: ``"nuclear"`` = the nuclear stain; ``"cluster"`` = the stage profile's
-``cluster_input`` image — the nuclear stain again or the sum of all per-channel-normalised
-channels), ``percentiles`` (per-channel normalisation: low → 0, high → 1), ``pixel_size_um``
+architecture (``base_channels``, ``depth``, ``max_channels``, ``context_blocks``, ``norm``,
+``activation``), ``inputs`` (ordered input kinds: ``"nuclear"`` = the nuclear stain;
+``"cluster"`` = the stage profile's ``cluster_input`` image — the nuclear stain again or the sum
+of all per-channel-normalised channels), ``percentiles`` (per-channel normalisation: low → 0, high → 1), ``pixel_size_um``
 (training scale), ``typical_nucleus_diameter_um``, ``heads`` (``{"nuclei": ("foreground",
 "distance"), "clusters": (...)}``), ``distance_cap_px`` and default :class:`Thresholds`.
 ``config.output_names[k]`` names output channel ``k`` (``"nuclei_foreground"``, ...).
