@@ -45,6 +45,7 @@ JSON schema (``--out``)
       "data": ["runs/data/synth_val", ...],
       "iou_thresholds": [0.5, 0.55, ..., 0.9],
       "pooled": {"<model>": {"nuclei": {<metrics>}, "clusters": {<metrics>}}},
+      "by_stage": {"<model>": {"<kind>": {"<stage>": {<metrics>}, ...}}},
       "per_image": [{"data": ..., "image": ..., "stage": ..., "model": ..., "kind": ...,
                      "seconds": ..., <metrics>}, ...],
       "failures": [{"data": ..., "image": ..., "model": <name or null>, "reason": ...}, ...]
@@ -53,7 +54,8 @@ JSON schema (``--out``)
 ``<metrics>`` is a flat mapping: ``n_images``, ``n_true``, ``n_pred``, ``mean_ap`` and, for each
 threshold ``t`` written as ``f"{t:g}"`` (``0.5``, ``0.55``, ...), ``ap@t``, ``precision@t``,
 ``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the error kinds at the lowest
-threshold (above). A kind that no image has truth for is absent from ``pooled``. ``path`` is
+threshold (above). A kind that no image has truth for is absent from ``pooled``; ``by_stage``
+pools the images of each stage on their own. ``path`` is
 ``null`` for the classical baseline; ``seconds`` is the model's total segmentation time. The
 ``--csv`` table has one row per (data, image, model, kind) with the same columns as ``per_image``.
 
@@ -128,9 +130,10 @@ to the truth at IoU thresholds 0.5, 0.55, ..., 0.9, and print per object kind a 
 (tp / (tp + fp + fn)) at 0.5, 0.75 and 0.9, the mean AP over the thresholds, precision, recall,
 F1 and panoptic quality at 0.5, and object counts, pooled over the images; then, per model, why
 objects went unmatched at the lowest threshold: true objects missed, split, merged with another or
-loosely outlined, predictions spurious, merged, fragments or loose. With two or more models a
-difference row (model − first model) follows. --out writes everything (pooled and per
-image, every threshold) as JSON, --csv the per-image table.
+loosely outlined, predictions spurious, merged, fragments or loose; and, when the images span
+two or more stages, AP@0.5 of each stage on its own. With two or more models a difference row
+(model − first model) follows. --out writes everything (pooled, per stage and per image, every
+threshold) as JSON, --csv the per-image table.
 
 Images are read at their own pixel grid; pixel size, channel names and stage come from
 metadata.csv, else from the file (--pixel-size, --channel-names override; --stage is used for
@@ -371,35 +374,67 @@ class Evaluation:
         present = {s.kind for s in self.per_image}
         return tuple(k for k in OBJECT_KINDS if k in present)
 
-    def pooled_matchings(self, model: str, kind: str) -> tuple[Matching, ...] | None:
-        """One pooled :class:`~islet_imaging.metrics.Matching` per threshold (None: not scored)."""
-        rows = [s for s in self.per_image if s.model == model and s.kind == kind]
+    def stages(self) -> tuple[str, ...]:
+        """The stages of the scored images, in the order they were first scored."""
+        return tuple(dict.fromkeys(s.stage for s in self.per_image))
+
+    def _rows(self, model: str, kind: str, stage: str | None) -> list[ImageScore]:
+        return [
+            s
+            for s in self.per_image
+            if s.model == model and s.kind == kind and (stage is None or s.stage == stage)
+        ]
+
+    def pooled_matchings(
+        self, model: str, kind: str, stage: str | None = None
+    ) -> tuple[Matching, ...] | None:
+        """One pooled :class:`~islet_imaging.metrics.Matching` per threshold (None: not scored).
+
+        ``stage``: pool only the images of that stage (default all).
+        """
+        rows = self._rows(model, kind, stage)
         if not rows:
             return None
         return tuple(
             pool_matchings([s.matchings[k] for s in rows]) for k in range(len(self.thresholds))
         )
 
-    def pooled(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{model: {kind: metrics}}`` pooled over the images (see the module docstring)."""
+    def pooled(self, stage: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{model: {kind: metrics}}`` pooled over the images (see the module docstring).
+
+        ``stage``: pool only the images of that stage (default all).
+        """
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for model in self.models:
             out[model] = {}
             for kind in self.kinds():
-                pooled = self.pooled_matchings(model, kind)
+                pooled = self.pooled_matchings(model, kind, stage)
                 if pooled is not None:
                     out[model][kind] = score_matchings(pooled) | _error_columns(
-                        self.pooled_errors(model, kind), self.thresholds[0]
+                        self.pooled_errors(model, kind, stage), self.thresholds[0]
                     )
         return out
 
-    def pooled_errors(self, model: str, kind: str) -> dict[str, int]:
-        """The error kinds at the lowest threshold, added over the images."""
+    def by_stage(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """``{model: {kind: {stage: metrics}}}``: the images of each stage pooled on their own."""
+        per_stage = {stage: self.pooled(stage) for stage in self.stages()}
+        return {
+            model: {
+                kind: {
+                    stage: pooled[model][kind]
+                    for stage, pooled in per_stage.items()
+                    if kind in pooled[model]
+                }
+                for kind in self.kinds()
+            }
+            for model in self.models
+        }
+
+    def pooled_errors(self, model: str, kind: str, stage: str | None = None) -> dict[str, int]:
+        """The error kinds at the lowest threshold, added over the images (of ``stage``)."""
         from islet_imaging.metrics import pool_error_kinds
 
-        return pool_error_kinds(
-            s.errors for s in self.per_image if s.model == model and s.kind == kind
-        )
+        return pool_error_kinds(s.errors for s in self._rows(model, kind, stage))
 
     def seconds(self, model: str) -> float:
         """Total segmentation time of ``model`` over the scored images."""
@@ -428,6 +463,7 @@ class Evaluation:
             "data": list(self.data),
             "iou_thresholds": list(self.thresholds),
             "pooled": self.pooled(),
+            "by_stage": self.by_stage(),
             "per_image": self.per_image_table(),
             "failures": [f.as_dict() for f in self.failures],
         }
@@ -445,6 +481,33 @@ class Evaluation:
             fn = ", ".join(f"{e.get(f'fn_{k}', 0)} {k}" for k in FN_KINDS)
             fp = ", ".join(f"{e.get(f'fp_{k}', 0)} {k}" for k in FP_KINDS)
             lines.append(f"{m.ljust(width)}  unmatched at IoU {t}: true {fn}; predicted {fp}")
+        return lines
+
+    def _stage_lines(self, models: Sequence[str], kind: str, k: str) -> list[str]:
+        """Lines of the table: AP at ``k`` of each stage on its own (with two or more stages)."""
+        stages = self.stages()
+        if len(stages) < 2:
+            return []
+        by_stage = self.by_stage()
+        header = ["stage", "images", *(f"{m} AP@{k}" for m in models)]
+        rows = []
+        for stage in stages:
+            metrics = [by_stage[m][kind].get(stage) for m in models]
+            if all(v is None for v in metrics):
+                continue
+            n_img = next(v for v in metrics if v is not None)["n_images"]
+            rows.append(
+                [stage, str(n_img), *("-" if v is None else _fmt(v[f"ap@{k}"]) for v in metrics)]
+            )
+        if len(rows) < 2:
+            return []
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [f"by stage ({kind}):"]
+        for r in [header, *rows]:
+            cells = [r[0].ljust(widths[0])] + [
+                c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+            ]
+            lines.append("  " + "  ".join(cells).rstrip())
         return lines
 
     def table(self) -> str:
@@ -493,6 +556,7 @@ class Evaluation:
                 ]
                 lines.append("  ".join(cells).rstrip())
             lines += self._error_lines(scored, kind, widths[0])
+            lines += self._stage_lines(scored, kind, k)
             blocks.append("\n".join(lines))
         if not blocks:
             blocks.append("no image was scored")

@@ -143,14 +143,17 @@ def test_parse_thresholds_rejects(text: str, message: str) -> None:
         ev.parse_thresholds(text)
 
 
-def _score(model: str, image: str, kind: str, pair: tuple[np.ndarray, np.ndarray]) -> ev.ImageScore:
+def _score(
+    model: str, image: str, kind: str, pair: tuple[np.ndarray, np.ndarray], stage: str = "S6"
+) -> ev.ImageScore:
     return ev.ImageScore(
         data="d",
         image=image,
-        stage="S6",
+        stage=stage,
         model=model,
         kind=kind,
         matchings=tuple(match(*pair, thresholds=(0.5, 0.75, 0.9))),
+        errors=error_kinds(*pair, threshold=0.5),
     )
 
 
@@ -185,6 +188,47 @@ def test_evaluation_pooling_and_table() -> None:
     d = evaluation.to_dict()
     assert d["pooled"]["B"]["nuclei"]["tp@0.75"] == 5  # 3 + 2 true objects
     assert len(d["per_image"]) == 4
+    assert json.loads(json.dumps(d)) == d
+    # one stage: its figures are the pooled ones, and the table has no per-stage block
+    assert d["by_stage"]["A"]["nuclei"]["S6"] == d["pooled"]["A"]["nuclei"]
+    assert "by stage" not in table
+
+
+def test_evaluation_by_stage() -> None:
+    # stage S4: images x (A: AP@0.5 2/4) and z (A: perfect); stage S6: image y (A: perfect).
+    # B is perfect on S4's x but has no S6 image; clusters only on S6.
+    evaluation = ev.Evaluation(
+        models=("A", "B"),
+        data=("d",),
+        thresholds=(0.5, 0.75, 0.9),
+        per_image=(
+            _score("A", "x", "nuclei", _pair(), "S4"),
+            _score("A", "y", "nuclei", _perfect(), "S6"),
+            _score("A", "z", "nuclei", _perfect(), "S4"),
+            _score("A", "y", "clusters", _pair(), "S6"),
+            _score("B", "x", "nuclei", (_pair()[0], _pair()[0]), "S4"),
+        ),
+    )
+    assert evaluation.stages() == ("S4", "S6")
+    by = evaluation.by_stage()
+    # S4 pooled over x and z: tp 2 + 2, fp 1, fn 1 -> 4 / 6
+    assert by["A"]["nuclei"]["S4"]["ap@0.5"] == pytest.approx(4 / 6)
+    assert by["A"]["nuclei"]["S4"]["n_images"] == 2
+    assert by["A"]["nuclei"]["S4"]["fp_spurious@0.5"] == 1
+    assert by["A"]["nuclei"]["S6"]["ap@0.5"] == 1.0
+    assert by["A"]["clusters"] == {"S6": evaluation.pooled("S6")["A"]["clusters"]}
+    assert by["A"]["clusters"]["S6"]["ap@0.5"] == pytest.approx(2 / 4)
+    assert set(by["B"]["nuclei"]) == {"S4"} and by["B"]["clusters"] == {}
+    # all stages together: x, y, z -> tp 6, fp 1, fn 1
+    assert evaluation.pooled()["A"]["nuclei"]["ap@0.5"] == pytest.approx(6 / 8)
+    lines = evaluation.table().splitlines()
+    i = lines.index("by stage (nuclei):")
+    assert lines[i + 1].split() == ["stage", "images", "A", "AP@0.5", "B", "AP@0.5"]
+    assert lines[i + 2].split() == ["S4", "2", "0.667", "1.000"]
+    assert lines[i + 3].split() == ["S6", "1", "1.000", "-"]
+    assert "by stage (clusters):" not in lines  # clusters were scored on one stage only
+    d = evaluation.to_dict()
+    assert d["by_stage"]["A"]["nuclei"]["S4"]["tp@0.5"] == 4
     assert json.loads(json.dumps(d)) == d
 
 
