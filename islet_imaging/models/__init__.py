@@ -8,9 +8,10 @@ The contract (names below are stable)
 architecture (``base_channels``, ``depth``, ``max_channels``, ``context_blocks``, ``norm``,
 ``activation``), ``inputs`` (ordered input kinds: ``"nuclear"`` = the nuclear stain;
 ``"cluster"`` = the stage profile's ``cluster_input`` image — the nuclear stain again or the sum
-of all per-channel-normalised channels), ``percentiles`` (per-channel normalisation: low → 0, high → 1), ``pixel_size_um``
-(training scale), ``typical_nucleus_diameter_um``, ``heads`` (``{"nuclei": ("foreground",
-"distance"), "clusters": (...)}``), ``distance_cap_px`` and default :class:`Thresholds`.
+of all per-channel-normalised channels), ``percentiles`` (per-channel normalisation: low → 0,
+high → 1), ``pixel_size_um`` (training scale), ``typical_nucleus_diameter_um``, ``heads``
+(``{"nuclei": ("foreground", "distance"), "clusters": (...)}``), ``distance_cap_px`` and default
+:class:`Thresholds`.
 ``config.output_names[k]`` names output channel ``k`` (``"nuclei_foreground"``, ...).
 
 **Network** — :func:`build_network(config) <build_network>` → :class:`UNet`; input

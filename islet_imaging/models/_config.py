@@ -185,7 +185,8 @@ class ModelConfig:
         ``2 ** (k + 1)``), which widen the receptive field without more downsampling: each adds
         ``4 · 2 ** (k + 1) · 2 ** (depth - 1)`` pixels (at depth 5: 128, 256, ...). Each starts as
         the identity (its last normalisation, or convolution, is zero), so blocks can be added to
-        a trained network without changing its output (:func:`~islet_imaging.models.add_context_blocks`).
+        a trained network without changing its output
+        (:func:`~islet_imaging.models.add_context_blocks`).
     norm : {"batch", "group", "none"}
         Normalisation after each convolution.
     activation : {"relu", "silu", "leaky_relu"}
