@@ -772,7 +772,9 @@ def test_fine_tuning_can_grow_context_blocks(tmp_path: Path) -> None:
         progress=False,
     )
     assert load_model(ft, device="cpu").config.context_blocks == 2
-    assert "--add-context-blocks 2" in (Path(ft) / "README.md").read_text()
+    card = (Path(ft) / "README.md").read_text()
+    assert "--add-context-blocks 2" in card  # the command line
+    assert "; 2 context block(s) (dilated residual convolutions) at the deepest level" in card
 
 
 def test_existing_model_directory_is_not_overwritten(tmp_path: Path) -> None:

@@ -444,7 +444,13 @@ def write_model_card(
         "",
         "## Architecture",
         f"- U-Net, levels {list(config.channels)} channels, norm `{config.norm}`, activation "
-        f"`{config.activation}`, {n_params:,} parameters",
+        f"`{config.activation}`, {n_params:,} parameters"
+        + (
+            f"; {config.context_blocks} context block(s) (dilated residual convolutions) at "
+            "the deepest level"
+            if config.context_blocks
+            else ""
+        ),
         f"- inputs: {list(config.inputs)} (percentile normalisation {list(config.percentiles)})",
         f"- outputs: {list(config.output_names)}",
         f"- trained at pixel size {config.pixel_size_um} µm; typical nucleus diameter "
