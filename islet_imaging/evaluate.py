@@ -483,12 +483,17 @@ class Evaluation:
             lines.append(f"{m.ljust(width)}  unmatched at IoU {t}: true {fn}; predicted {fp}")
         return lines
 
-    def _stage_lines(self, models: Sequence[str], kind: str, k: str) -> list[str]:
+    def _stage_lines(
+        self,
+        by_stage: dict[str, dict[str, dict[str, dict[str, Any]]]],
+        models: Sequence[str],
+        kind: str,
+        k: str,
+    ) -> list[str]:
         """Lines of the table: AP at ``k`` of each stage on its own (with two or more stages)."""
         stages = self.stages()
         if len(stages) < 2:
             return []
-        by_stage = self.by_stage()
         header = ["stage", "images", *(f"{m} AP@{k}" for m in models)]
         rows = []
         for stage in stages:
@@ -528,6 +533,7 @@ class Evaluation:
             ("n_pred", "n_pred"),
         ]
         pooled = self.pooled()
+        by_stage = self.by_stage() if len(self.stages()) > 1 else {}
         blocks: list[str] = []
         for kind in self.kinds():
             rows: list[list[str]] = []
@@ -556,7 +562,7 @@ class Evaluation:
                 ]
                 lines.append("  ".join(cells).rstrip())
             lines += self._error_lines(scored, kind, widths[0])
-            lines += self._stage_lines(scored, kind, k)
+            lines += self._stage_lines(by_stage, scored, kind, k)
             blocks.append("\n".join(lines))
         if not blocks:
             blocks.append("no image was scored")
