@@ -1422,8 +1422,19 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
 
 
 def check_output(config: TrainConfig, *, overwrite: bool = False) -> None:
-    """Refuse to replace the ``--init`` model, or an existing model without ``overwrite``."""
+    """Refuse to replace the ``--init`` model, or an existing model without ``overwrite``.
+
+    ``--out`` and the run directory (checkpoints, ``<out>.run`` by default) must be directories
+    or not exist yet: a file of either name is the user's and is never replaced.
+    """
     out = Path(config.out)
+    for path, option in ((out, "--out"), (Path(config.run_dir), "--run-dir")):
+        if path.exists() and not path.is_dir():
+            raise InputError(
+                f"{option} names an existing file, not a directory; move the file or choose "
+                f"another {option}",
+                path,
+            )
     if config.init != "scratch":
         from islet_imaging.models._modeldir import resolve_model_dir
 
