@@ -339,6 +339,11 @@ def test_segment_cli_failures(
     caplog.clear()
     assert main(["segment", str(src), "--out", str(out), "--model", "classical", "--augment"]) == 2
     assert "--augment needs a CNN model" in caplog.text
+    caplog.clear()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["segment", str(src), "--out", str(tmp_path / "notes.txt"), "--stage", "S0"]) == 2
+    assert "notes.txt: --out names an existing file, not a folder" in caplog.text
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("length", [32, 208, 1040, 2048, 8192])

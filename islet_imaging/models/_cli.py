@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--pixel-size {args.pixel_size} must be a positive number of µm")
     if args.nucleus_diameter is not None and not args.nucleus_diameter > 0:
         raise InputError(f"--nucleus-diameter {args.nucleus_diameter} must be positive")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError("--out names an existing file, not a folder; give a folder", args.out)
     stage = get_stage(args.stage, stages_file=args.stages) if args.stage else None
     classical = str(args.model) == "classical"
     if args.probabilities and classical:
