@@ -1509,14 +1509,12 @@ def finish(
     progress: bool = True,
 ) -> Path:
     """Load the best weights, tune thresholds, write the model directory and its card."""
-    import torch
-
     from islet_imaging.models._modeldir import save_model
 
     run_dir = Path(config.run_dir)
     best = run_dir / "best.pt"
-    if best.is_file():
-        payload = torch.load(best, map_location="cpu", weights_only=True)
+    if best.is_file():  # its weights only: the history and optimizer stay the last epoch's
+        payload = _read_checkpoint(best, missing="", map_location=state.device)
         state.model.load_state_dict(payload["model"])
         if state.ema is not None:
             state.ema.load_state_dict(payload["ema"])
