@@ -69,6 +69,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Errors a distance map can be trained with (``TrainConfig.distance_loss``), and their names.
+_DISTANCE_LOSS_NAMES = {"l1": "L1", "bce": "BCE against the soft target", "mse": "squared error"}
+DISTANCE_LOSSES: tuple[str, ...] = tuple(_DISTANCE_LOSS_NAMES)
+
 HELP = "train or fine-tune a segmentation model on annotated datasets"
 DESCRIPTION = """\
 Fine-tune the default model (or train a new one, --init scratch) on annotated images.
@@ -153,6 +157,14 @@ class TrainConfig:
     schedule : {"onecycle", "cosine", "constant"}
     loss weights : float
         ``w_foreground``, ``w_dice``, ``w_distance``, ``w_clusters`` (the cluster head's share).
+    distance_loss : {"l1", "bce", "mse"}
+        How ``sigmoid(logit)`` of a distance map is compared with its target inside objects.
+        ``"l1"`` (absolute error) is median-seeking: where the network cannot tell whether a
+        contact between two objects is there, it predicts no valley until it is more than half
+        sure. ``"bce"`` (binary cross-entropy against the soft target) and ``"mse"`` are
+        mean-seeking: an uncertain contact leaves a valley as deep as the network's belief in
+        it, which the post-processing's split level (``clusters_saddle``, ``nuclei_seed``) then
+        thresholds.
     touch_weight, touch_weight_distance : float
         Pixel weight, relative to 1, of the contact zone between two touching objects in the
         foreground loss and in the distance loss (see :func:`touching_boundaries`).
@@ -209,6 +221,7 @@ class TrainConfig:
     w_dice: float = 1.0
     w_distance: float = 2.0
     w_clusters: float = 0.5
+    distance_loss: str = "l1"
     touch_weight: float = 3.0
     touch_weight_distance: float = 1.0
     cluster_touch_band_px: int = 1
@@ -257,6 +270,10 @@ class TrainConfig:
             raise InputError(f"patch_size {self.patch_size} must be a multiple of 16")
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise InputError(f"schedule {self.schedule!r} is not onecycle, cosine or constant")
+        if self.distance_loss not in DISTANCE_LOSSES:
+            raise InputError(
+                f"--distance-loss {self.distance_loss!r} is not one of {', '.join(DISTANCE_LOSSES)}"
+            )
         if not (self.touch_weight >= 1 and self.touch_weight_distance >= 1):
             raise InputError(
                 f"--touch-weight {self.touch_weight:g} and --touch-weight-distance "
@@ -788,8 +805,9 @@ def compute_loss(
     """Masked loss over all heads.
 
     Foreground: pixel-weighted BCE (weights from :func:`make_targets`: class and boundary
-    balancing) + soft Dice. Distance: L1 between ``sigmoid(logit)`` and the target inside the true
-    foreground. A class not annotated in a sample (``<class>_present == 0``) adds nothing.
+    balancing) + soft Dice. Distance: ``config.distance_loss`` (L1, BCE or squared error) between
+    ``sigmoid(logit)`` and the target inside the true foreground. A class not annotated in a
+    sample (``<class>_present == 0``) adds nothing.
     """
     import torch
     from torch.nn import functional as F
@@ -821,8 +839,15 @@ def compute_loss(
             d_logit = logits[:, names.index(f"{cls_name}_distance")]
             d_t = batch[f"{cls_name}_distance"]
             inside = (fg_t > 0.5).float() * batch[f"{cls_name}_distance_weight"] * present
-            l1 = (torch.sigmoid(d_logit) - d_t).abs()
-            loss_d = config.w_distance * (l1 * inside).sum() / inside.sum().clamp_min(1.0)
+            if config.distance_loss == "bce":
+                err = F.binary_cross_entropy_with_logits(d_logit, d_t, reduction="none")
+                # minus its floor (the target's own entropy): 0 at a perfect prediction, as L1
+                err = err - F.binary_cross_entropy(d_t, d_t, reduction="none")
+            elif config.distance_loss == "mse":
+                err = (torch.sigmoid(d_logit) - d_t).square()
+            else:
+                err = (torch.sigmoid(d_logit) - d_t).abs()
+            loss_d = config.w_distance * (err * inside).sum() / inside.sum().clamp_min(1.0)
         total = total + cls_weight * (loss_fg + loss_d)
         parts[f"loss_{cls_name}_fg"] = float(loss_fg.detach())
         parts[f"loss_{cls_name}_dist"] = float(loss_d.detach())
@@ -1599,7 +1624,8 @@ def write_card(
         "batch size × patch": f"{config.batch_size} × {config.patch_size}²",
         "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}"
         + (f"; weights: moving average, decay {config.ema:g}" if config.ema else ""),
-        "loss": "weighted BCE + Dice (foreground), L1 inside objects (distance); "
+        "loss": "weighted BCE + Dice (foreground), "
+        f"{_DISTANCE_LOSS_NAMES[config.distance_loss]} inside objects (distance); "
         f"contact weight {config.touch_weight:g} (foreground), "
         f"{config.touch_weight_distance:g} (distance), cluster contact band "
         f"±{config.cluster_touch_band_px} px; cluster head × {config.w_clusters}; "
@@ -1645,6 +1671,8 @@ def _config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--out", config.out, "--init", config.init, "--epochs", str(config.epochs)]
     argv += ["--steps-per-epoch", str(config.steps_per_epoch), "--lr", f"{config.lr:g}"]
     argv += ["--ema", f"{config.ema:g}"] if config.ema else []
+    if config.distance_loss != TrainConfig.distance_loss:
+        argv += ["--distance-loss", config.distance_loss]
     if config.add_context_blocks:
         argv += ["--add-context-blocks", str(config.add_context_blocks)]
     argv += ["--seed", str(config.seed)]
@@ -1758,6 +1786,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
     )
+    opt.add_argument(
+        "--distance-loss",
+        choices=DISTANCE_LOSSES,
+        default=d.distance_loss,
+        help="error of the distance maps: l1 (median-seeking), bce or mse (mean-seeking: an "
+        f"uncertain contact leaves a shallow valley) (default {d.distance_loss})",
+    )
     for flag, key, kind, what in (
         ("--touch-weight", "touch_weight", float, "foreground-loss weight of contact pixels"),
         (
@@ -1852,6 +1887,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         w_clusters=args.w_clusters,
+        distance_loss=args.distance_loss,
         touch_weight=args.touch_weight,
         touch_weight_distance=args.touch_weight_distance,
         cluster_touch_band_px=args.cluster_touch_band,

@@ -169,6 +169,66 @@ def test_missing_cluster_labels_mask_that_head(tmp_path: Path) -> None:
     assert np.isnan(parts["loss_clusters_fg"])
 
 
+def _distance_only_batch(targets: list[float], size: int = 4) -> dict[str, torch.Tensor]:
+    """Nuclei-only batch: every pixel inside an object, sample k's distance target ``targets[k]``."""
+    n = len(targets)
+    ones = torch.ones((n, size, size))
+    batch = {
+        "nuclei_foreground": ones,
+        "nuclei_weight": ones,
+        "nuclei_distance": torch.tensor(targets).reshape(n, 1, 1).expand(n, size, size),
+        "nuclei_distance_weight": ones,
+        "nuclei_present": torch.ones(n),
+    }
+    for key in ("foreground", "weight", "distance", "distance_weight"):
+        batch[f"clusters_{key}"] = torch.zeros((n, size, size))
+    batch["clusters_present"] = torch.zeros(n)
+    return batch
+
+
+@pytest.mark.parametrize(
+    ("loss", "expected"), [("l1", 0.2), ("bce", (0.1 + 0.2 + 0.9) / 3), ("mse", 0.4)]
+)
+def test_distance_loss_seeks_the_median_or_the_mean(
+    tmp_path: Path, loss: str, expected: float
+) -> None:
+    """Three samples disagree on a pixel's distance (0.1, 0.2, 0.9): the one prediction that
+    serves them all is their median under L1, their mean under BCE and squared error."""
+    root = _write_dataset(tmp_path / "ds", n=1)
+    cfg = _config(tmp_path, root, distance_loss=loss)
+    mc = ModelConfig(**TINY)
+    batch = _distance_only_batch([0.1, 0.2, 0.9])
+    d_index = mc.output_names.index("nuclei_distance")
+    fg_index = mc.output_names.index("nuclei_foreground")
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros((3, mc.out_channels, 4, 4))
+        logits[:, fg_index] = 20.0  # the foreground term is the same for every z
+        logits[:, d_index] = z
+        return compute_loss(logits, batch, config=cfg, model_config=mc)[0]
+
+    zs = torch.linspace(-4.0, 4.0, 4001)
+    best = zs[int(torch.argmin(torch.stack([loss_of(z) for z in zs])))]
+    assert float(torch.sigmoid(best)) == pytest.approx(expected, abs=0.003)
+    # a perfect prediction costs nothing, whatever the error
+    exact = _distance_only_batch([0.3])
+    logits = torch.zeros((1, mc.out_channels, 4, 4))
+    logits[:, fg_index] = 20.0
+    logits[:, d_index] = torch.logit(torch.tensor(0.3))
+    _, parts = compute_loss(logits, exact, config=cfg, model_config=mc)
+    assert parts["loss_nuclei_dist"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distance_loss_is_validated_and_named_on_the_card(tmp_path: Path) -> None:
+    root = _write_dataset(tmp_path / "ds", n=1)
+    with pytest.raises(InputError, match="--distance-loss 'l2' is not one of l1, bce, mse"):
+        _config(tmp_path, root, distance_loss="l2")
+    out = main(_config(tmp_path, root, epochs=1, tune=False, distance_loss="bce"), progress=False)
+    card = (out / "README.md").read_text()
+    assert "BCE against the soft target inside objects (distance)" in card
+    assert "--distance-loss bce" in card  # the command line
+
+
 def test_binary_mask_is_refused_with_connected_components_hint(tmp_path: Path) -> None:
     _, nuc, _ = _tiny_image(0)
     binary = (nuc > 0).astype(np.uint8)
@@ -594,15 +654,17 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
             "--out", str(tmp_path / "m"), "--epochs", "5", "--steps-per-epoch", "2",
             "--init", "scratch", "--model-config", '{"base_channels": 8}', "--device", "cpu",
             "--patience", "3", "--missing-labels", "skip", "--ema", "0.999",
+            "--distance-loss", "bce",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
-    assert cfg.ema == 0.999
+    assert cfg.ema == 0.999 and cfg.distance_loss == "bce"
     assert cfg.data == ("a", "b") and cfg.data_weights == (2.0, 1.0) and cfg.steps == 10
     assert cfg.model_config == {"base_channels": 8} and cfg.init == "scratch"
     assert (cfg.device, cfg.patience, cfg.missing_labels) == ("cpu", 3, "skip")
     defaults = config_from_args(build_parser().parse_args(["train", "--data", "a", "--out", "m"]))
     assert defaults.init == "default" and defaults.val_fraction == 0.2 and not defaults.val
+    assert defaults.distance_loss == "l1"
     with pytest.raises(SystemExit):  # --val and --val-fraction exclude each other
         build_parser().parse_args(
             ["train", "--data", "a", "--out", "m", "--val", "b", "--val-fraction", "0.1"]
