@@ -1625,7 +1625,8 @@ def write_card(
         "optimizer": f"AdamW lr {config.lr} wd {config.weight_decay}, {config.schedule}"
         + (f"; weights: moving average, decay {config.ema:g}" if config.ema else ""),
         "loss": "weighted BCE + Dice (foreground), "
-        f"{_DISTANCE_LOSS_NAMES[config.distance_loss]} inside objects (distance); "
+        f"{_DISTANCE_LOSS_NAMES[config.distance_loss]} inside objects (distance, "
+        f"× {config.w_distance:g}); "
         f"contact weight {config.touch_weight:g} (foreground), "
         f"{config.touch_weight_distance:g} (distance), cluster contact band "
         f"±{config.cluster_touch_band_px} px; cluster head × {config.w_clusters}; "
@@ -1673,6 +1674,8 @@ def _config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--ema", f"{config.ema:g}"] if config.ema else []
     if config.distance_loss != TrainConfig.distance_loss:
         argv += ["--distance-loss", config.distance_loss]
+    if config.w_distance != TrainConfig.w_distance:
+        argv += ["--w-distance", f"{config.w_distance:g}"]
     if config.add_context_blocks:
         argv += ["--add-context-blocks", str(config.add_context_blocks)]
     argv += ["--seed", str(config.seed)]
@@ -1787,6 +1790,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
     )
     opt.add_argument(
+        "--w-distance",
+        type=float,
+        default=d.w_distance,
+        help=f"weight of the distance maps' loss against the foreground's (default {d.w_distance:g})",
+    )
+    opt.add_argument(
         "--distance-loss",
         choices=DISTANCE_LOSSES,
         default=d.distance_loss,
@@ -1887,6 +1896,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         w_clusters=args.w_clusters,
+        w_distance=args.w_distance,
         distance_loss=args.distance_loss,
         touch_weight=args.touch_weight,
         touch_weight_distance=args.touch_weight_distance,

@@ -223,10 +223,10 @@ def test_distance_loss_is_validated_and_named_on_the_card(tmp_path: Path) -> Non
     root = _write_dataset(tmp_path / "ds", n=1)
     with pytest.raises(InputError, match="--distance-loss 'l2' is not one of l1, bce, mse"):
         _config(tmp_path, root, distance_loss="l2")
-    out = main(_config(tmp_path, root, epochs=1, tune=False, distance_loss="bce"), progress=False)
-    card = (out / "README.md").read_text()
-    assert "BCE against the soft target inside objects (distance)" in card
-    assert "--distance-loss bce" in card  # the command line
+    cfg = _config(tmp_path, root, epochs=1, tune=False, distance_loss="bce", w_distance=5.0)
+    card = (main(cfg, progress=False) / "README.md").read_text()
+    assert "BCE against the soft target inside objects (distance, × 5)" in card
+    assert "--distance-loss bce --w-distance 5" in card  # the command line
 
 
 def test_binary_mask_is_refused_with_connected_components_hint(tmp_path: Path) -> None:
@@ -654,17 +654,17 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
             "--out", str(tmp_path / "m"), "--epochs", "5", "--steps-per-epoch", "2",
             "--init", "scratch", "--model-config", '{"base_channels": 8}', "--device", "cpu",
             "--patience", "3", "--missing-labels", "skip", "--ema", "0.999",
-            "--distance-loss", "bce",
+            "--distance-loss", "bce", "--w-distance", "5",
         ]
     )  # fmt: skip
     cfg = config_from_args(args)
-    assert cfg.ema == 0.999 and cfg.distance_loss == "bce"
+    assert cfg.ema == 0.999 and cfg.distance_loss == "bce" and cfg.w_distance == 5.0
     assert cfg.data == ("a", "b") and cfg.data_weights == (2.0, 1.0) and cfg.steps == 10
     assert cfg.model_config == {"base_channels": 8} and cfg.init == "scratch"
     assert (cfg.device, cfg.patience, cfg.missing_labels) == ("cpu", 3, "skip")
     defaults = config_from_args(build_parser().parse_args(["train", "--data", "a", "--out", "m"]))
     assert defaults.init == "default" and defaults.val_fraction == 0.2 and not defaults.val
-    assert defaults.distance_loss == "l1"
+    assert defaults.distance_loss == "l1" and defaults.w_distance == 2.0
     with pytest.raises(SystemExit):  # --val and --val-fraction exclude each other
         build_parser().parse_args(
             ["train", "--data", "a", "--out", "m", "--val", "b", "--val-fraction", "0.1"]
