@@ -270,6 +270,12 @@ class TrainConfig:
             raise InputError(f"patch_size {self.patch_size} must be a multiple of 16")
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise InputError(f"schedule {self.schedule!r} is not onecycle, cosine or constant")
+        for key in ("w_foreground", "w_dice", "w_distance", "w_clusters"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(
+                    f"--{key.replace('_', '-')} {value:g} must be a number >= 0 (a loss weight)"
+                )
         if self.distance_loss not in DISTANCE_LOSSES:
             raise InputError(
                 f"--distance-loss {self.distance_loss!r} is not one of {', '.join(DISTANCE_LOSSES)}"
@@ -1787,15 +1793,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="learning-rate schedule over all epochs",
     )
     opt.add_argument(
-        "--w-clusters", type=float, default=d.w_clusters, help="weight of the cluster head's loss"
-    )
-    opt.add_argument(
-        "--w-distance",
-        type=float,
-        default=d.w_distance,
-        help=f"weight of the distance maps' loss against the foreground's (default {d.w_distance:g})",
-    )
-    opt.add_argument(
         "--distance-loss",
         choices=DISTANCE_LOSSES,
         default=d.distance_loss,
@@ -1803,6 +1800,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"uncertain contact leaves a shallow valley) (default {d.distance_loss})",
     )
     for flag, key, kind, what in (
+        ("--w-clusters", "w_clusters", float, "weight of the cluster head's loss"),
+        ("--w-distance", "w_distance", float, "weight of the distance maps' loss"),
         ("--touch-weight", "touch_weight", float, "foreground-loss weight of contact pixels"),
         (
             "--touch-weight-distance",

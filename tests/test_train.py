@@ -223,6 +223,10 @@ def test_distance_loss_is_validated_and_named_on_the_card(tmp_path: Path) -> Non
     root = _write_dataset(tmp_path / "ds", n=1)
     with pytest.raises(InputError, match="--distance-loss 'l2' is not one of l1, bce, mse"):
         _config(tmp_path, root, distance_loss="l2")
+    for key in ("w_distance", "w_clusters"):
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(InputError, match=f"--{key.replace('_', '-')} .* must be a number"):
+                _config(tmp_path, root, **{key: bad})
     cfg = _config(tmp_path, root, epochs=1, tune=False, distance_loss="bce", w_distance=5.0)
     card = (main(cfg, progress=False) / "README.md").read_text()
     assert "BCE against the soft target inside objects (distance, × 5)" in card
