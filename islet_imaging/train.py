@@ -1459,11 +1459,14 @@ def check_output(config: TrainConfig, *, overwrite: bool = False) -> None:
     or not exist yet: a file of either name is the user's and is never replaced.
     """
     out = Path(config.out)
-    for path, option in ((out, "--out"), (Path(config.run_dir), "--run-dir")):
+    for path, what in (
+        (out, "--out"),
+        (Path(config.run_dir), "the run directory (--run-dir; default: the --out path + .run)"),
+    ):
         if path.exists() and not path.is_dir():
             raise InputError(
-                f"{option} names an existing file, not a directory; move the file or choose "
-                f"another {option}",
+                f"{what} names an existing file, not a directory; move the file or choose "
+                "another --out or --run-dir",
                 path,
             )
     if config.init != "scratch":
