@@ -490,13 +490,12 @@ class Evaluation:
         kind: str,
         k: str,
     ) -> list[str]:
-        """Lines of the table: AP at ``k`` of each stage on its own (with two or more stages)."""
-        stages = self.stages()
-        if len(stages) < 2:
+        """Lines of the table: AP at ``k`` of each stage on its own (``by_stage`` empty: none)."""
+        if not by_stage:
             return []
         header = ["stage", "images", *(f"{m} AP@{k}" for m in models)]
         rows = []
-        for stage in stages:
+        for stage in self.stages():
             metrics = [by_stage[m][kind].get(stage) for m in models]
             if all(v is None for v in metrics):
                 continue
@@ -506,14 +505,8 @@ class Evaluation:
             )
         if len(rows) < 2:
             return []
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [f"by stage ({kind}):"]
-        for r in [header, *rows]:
-            cells = [r[0].ljust(widths[0])] + [
-                c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
-            ]
-            lines.append("  " + "  ".join(cells).rstrip())
-        return lines
+        lines, _ = _align([header, *rows])
+        return [f"by stage ({kind}):", *("  " + line for line in lines)]
 
     def table(self) -> str:
         """The pooled summary as plain text: one block per object kind, one row per model."""
@@ -554,13 +547,8 @@ class Evaluation:
                 )
             n_img = pooled[scored[0]][kind]["n_images"] if scored else 0
             header = ["model", *(c for c, _ in columns)]
-            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-            lines = [f"{kind} ({n_img} image{'s' if n_img != 1 else ''}, IoU {span})"]
-            for r in [header, *rows]:
-                cells = [r[0].ljust(widths[0])] + [
-                    c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
-                ]
-                lines.append("  ".join(cells).rstrip())
+            aligned, widths = _align([header, *rows])
+            lines = [f"{kind} ({n_img} image{'s' if n_img != 1 else ''}, IoU {span})", *aligned]
             lines += self._error_lines(scored, kind, widths[0])
             lines += self._stage_lines(by_stage, scored, kind, k)
             blocks.append("\n".join(lines))
@@ -569,6 +557,19 @@ class Evaluation:
         if self.failures:
             blocks.append(f"{len(self.failures)} image(s) failed and were left out (see the log)")
         return "\n\n".join(blocks)
+
+
+def _align(rows: list[list[str]]) -> tuple[list[str], list[int]]:
+    """Rows of cells as text columns: the first left-aligned, the others right-aligned; and the
+    column widths."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]
+        ).rstrip()
+        for r in rows
+    ]
+    return lines, widths
 
 
 def _fmt(value: float | int, *, signed: bool = False) -> str:
