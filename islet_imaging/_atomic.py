@@ -1,6 +1,6 @@
-"""Atomic file writes: write a temporary file beside the target, then rename it onto the target.
-
-A crash or a full disk never leaves a half-written output (or checkpoint) under the real name.
+"""Safe outputs. Atomic file writes: write a temporary file beside the target, then rename it
+onto the target, so a crash or a full disk never leaves a half-written output (or checkpoint)
+under the real name. And output folders that are not files of the user's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ from pathlib import Path
 
 from islet_imaging.errors import InputError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_output_folder"]
+
+
+def check_output_folder(path: Path, what: str, fix: str = "give a folder") -> None:
+    """Refuse an output folder ``path`` that is an existing file (the user's, never replaced).
+
+    ``what`` names the option or folder in the message, ``fix`` says what to do instead.
+    """
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} names an existing file, not a folder; {fix}", path)
 
 
 def _umask() -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from islet_imaging._atomic import atomic_write
+from islet_imaging._atomic import atomic_write, check_output_folder
 from islet_imaging.errors import InputError
 from islet_imaging.io._plate import PlateMap, discover_images, parse_plate_name
 from islet_imaging.measure._cells import BackgroundMethod, measure_cells
@@ -699,8 +699,7 @@ def score_path(
     input = Path(input)
     out = Path(out)
     paths = discover_images(input)
-    if out.exists() and not out.is_dir():
-        raise InputError("output path exists and is not a folder; give a folder", out)
+    check_output_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(
             "output folder is not empty; choose another --out or pass --overwrite", out

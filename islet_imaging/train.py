@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from islet_imaging._atomic import atomic_write
+from islet_imaging._atomic import atomic_write, check_output_folder
 from islet_imaging.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1459,16 +1459,11 @@ def check_output(config: TrainConfig, *, overwrite: bool = False) -> None:
     or not exist yet: a file of either name is the user's and is never replaced.
     """
     out = Path(config.out)
-    for path, what in (
-        (out, "--out"),
-        (Path(config.run_dir), "the run directory (--run-dir; default: the --out path + .run)"),
-    ):
-        if path.exists() and not path.is_dir():
-            raise InputError(
-                f"{what} names an existing file, not a directory; move the file or choose "
-                "another --out or --run-dir",
-                path,
-            )
+    fix = "move the file or choose another --out or --run-dir"
+    check_output_folder(out, "--out", fix)
+    check_output_folder(
+        Path(config.run_dir), "the run directory (--run-dir; default: the --out path + .run)", fix
+    )
     if config.init != "scratch":
         from islet_imaging.models._modeldir import resolve_model_dir
 

@@ -180,7 +180,9 @@ def check_tables(out: Path, markers: list[str]) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def test_cli_score_plate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_score_plate_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     plate, pm, truth = make_plate(tmp_path)
     out = tmp_path / "out"
     args = ["score", str(plate), "--plate-map", str(pm), "--out", str(out), "--no-progress"]
@@ -220,6 +222,12 @@ def test_cli_score_plate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*args, "--overwrite", "--augment"]) == 0
     assert set(pd.read_csv(out / "fields.csv")["segmentation"]) == {f"{DEFAULT_MODEL}+augment"}
     assert main([*args, "--overwrite", "--augment", "--model", "classical"]) == 2
+    # a file where the output folder goes is refused and kept
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["score", str(plate), "--plate-map", str(pm), "--out", str(notes)]) == 2
+    assert "notes.txt: --out names an existing file, not a folder" in caplog.text
+    assert notes.read_text() == "mine"
 
 
 def test_cli_records_failures_and_goes_on(tmp_path: Path) -> None:

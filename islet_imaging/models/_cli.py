@@ -145,6 +145,7 @@ def _outputs(out: Path, name: str, probabilities: bool) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segment``; returns 0 if every image was segmented, 1 if any failed."""
+    from islet_imaging._atomic import check_output_folder
     from islet_imaging.io import discover_images, read_fields
     from islet_imaging.io._cli import split_channel_names
     from islet_imaging.stages import get_stage
@@ -157,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--pixel-size {args.pixel_size} must be a positive number of µm")
     if args.nucleus_diameter is not None and not args.nucleus_diameter > 0:
         raise InputError(f"--nucleus-diameter {args.nucleus_diameter} must be positive")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError("--out names an existing file, not a folder; give a folder", args.out)
+    check_output_folder(args.out, "--out")
     stage = get_stage(args.stage, stages_file=args.stages) if args.stage else None
     classical = str(args.model) == "classical"
     if args.probabilities and classical:
