@@ -1,4 +1,4 @@
-"""Exceptions raised for bad user input.
+"""Exceptions raised for bad user input, and warnings about input that is usable but poor.
 
 Every error names the file (when there is one) and says what to do, so that a batch job can record it
 and a user can fix it without reading a traceback.
@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ImageReadError", "InputError", "ModelError", "StageError"]
+__all__ = [
+    "EmptyImageWarning",
+    "ImageReadError",
+    "InputError",
+    "ModelError",
+    "SmallImageWarning",
+    "StageError",
+]
 
 
 class InputError(ValueError):
@@ -38,3 +45,11 @@ class StageError(InputError):
 
 class ModelError(InputError):
     """A model directory with missing, mismatched or tampered files."""
+
+
+class EmptyImageWarning(UserWarning):
+    """The image holds no usable signal (blank, constant or saturated); labels are empty."""
+
+
+class SmallImageWarning(UserWarning):
+    """The image is smaller than the context the CNN needs for its full accuracy."""

@@ -218,6 +218,14 @@ def test_blank_or_saturated_image_gives_empty_labels(value: float) -> None:
     assert labels.nuclei.shape == (1, 48, 48)
 
 
+def test_both_segmenters_warn_with_one_empty_image_class() -> None:
+    """A caller filters or catches one warning class for the classical baseline and the CNN."""
+    from islet_imaging.errors import EmptyImageWarning as Shared
+    from islet_imaging.models.inference import EmptyImageWarning as Cnn
+
+    assert EmptyImageWarning is Shared is Cnn
+
+
 def test_noise_only_gives_empty_labels() -> None:
     rng = np.random.default_rng(3)
     field = _field((100.0 + rng.normal(0, 10, (96, 96))).astype(np.float32))

@@ -10,6 +10,7 @@ around the network (inputs, rescaling, tiling, 3D, post-processing, files), not 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,10 @@ from islet_imaging.models._config import ModelConfig
 from islet_imaging.models._modeldir import Model, save_model
 from islet_imaging.models._network import build_network
 from islet_imaging.models.inference import (
+    MIN_CONTEXT_PX,
     UNKNOWN_SCALE_MIN_NUCLEUS,
     EmptyImageWarning,
+    SmallImageWarning,
     estimate_nucleus_diameter_px,
     field_instances,
     predict_maps,
@@ -150,6 +153,21 @@ def test_constant_image_warns_and_gives_empty_labels(oracle: Model, value: int) 
         labels = segment_cnn(fld, S0, model=oracle, return_probabilities=True)
     assert labels.nuclei.shape == (1, 40, 40) and labels.nuclei.max() == 0
     assert labels.clusters.max() == 0 and set(labels.probabilities) == set(ORACLE.output_names)
+
+
+def test_image_smaller_than_the_context_warns_and_is_segmented(oracle: Model) -> None:
+    """The warning looks at the side at the model's scale, not in the file: a 128 px field at the
+    model's pixel size is enough; the same field said to hold 2× larger nuclei is resized to
+    64 px and warns, naming both sizes; it still gets labels on its own grid."""
+    fld, _ = field_2d(0.5)
+    assert fld.spatial_shape[1:] == (MIN_CONTEXT_PX, MIN_CONTEXT_PX)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        segment_cnn(fld, S0, model=oracle)
+    assert not caught
+    with pytest.warns(SmallImageWarning, match=r"128×128 px, 64×64 px at the model's 0\.5 µm"):
+        labels = segment_cnn(fld, S0, model=oracle, nucleus_diameter_um=20.0)
+    assert labels.nuclei.shape == labels.clusters.shape == fld.spatial_shape
 
 
 # -- segmentation and scale ---------------------------------------------------------------------
@@ -443,6 +461,7 @@ def test_cluster_split_follows_the_stage() -> None:
     assert cluster_split_for(S6, ORACLE.replace(cluster_split="distance")) == "distance"
 
 
+@pytest.mark.filterwarnings("ignore::islet_imaging.errors.SmallImageWarning")
 @pytest.mark.parametrize(
     ("pixel_size", "nucleus_diameter", "cap_um"),
     [(0.5, None, 12.0 * 0.5), (0.25, None, 12.0 * 0.5), (0.5, 20.0, 12.0 * 0.5 * 2.0)],

@@ -45,7 +45,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from islet_imaging.errors import InputError
+from islet_imaging.errors import EmptyImageWarning, InputError
 from islet_imaging.io import Field
 from islet_imaging.segment import CLASSICAL, Labels
 from islet_imaging.stages import StageProfile
@@ -62,10 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class EmptyImageWarning(UserWarning):
-    """The image holds no usable signal (blank, constant or saturated); labels are empty."""
 
 
 @dataclass(frozen=True)
