@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from islet_imaging._atomic import atomic_write, check_output_folder
-from islet_imaging.errors import InputError
+from islet_imaging.errors import EmptyImageWarning, InputError, SmallImageWarning
 from islet_imaging.io._plate import PlateMap, discover_images, parse_plate_name
 from islet_imaging.measure._cells import BackgroundMethod, measure_cells
 from islet_imaging.measure._clusters import cluster_composition, measure_clusters
@@ -65,6 +66,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: Segmentation warnings recorded in the fields table's ``flags`` (each is also logged).
+WARNING_FLAGS: dict[type[Warning], str] = {
+    EmptyImageWarning: "empty_image",
+    SmallImageWarning: "small_image",
+}
 
 #: The segmentation model ``score`` uses when none is given (one place to change it): the shipped
 #: CNN. On the sample plate it finds 44 of the 46 whole clusters (classical baseline: 37), with a
@@ -377,7 +383,13 @@ def score_image(
         )
         _marker_channels(fld, profile)  # fail before segmenting
         fld.require_pixel_size()
-        labels = segment_field(fld, stage=profile, model=options.model, augment=options.augment)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labels = segment_field(fld, stage=profile, model=options.model, augment=options.augment)
+        flags = []
+        for w in caught:
+            log.warning("%s", w.message)
+            flags += [f for cls, f in WARNING_FLAGS.items() if issubclass(w.category, cls)]
         result = measure_field(
             fld,
             labels,
@@ -388,7 +400,10 @@ def score_image(
             background=options.background,
         )
         if plate_map is not None and well is not None and well not in plate_map:
-            result.info["flags"] = "not_in_plate_map"
+            flags.append("not_in_plate_map")
+        result.info["flags"] = ";".join(
+            dict.fromkeys(f for f in (*result.info["flags"].split(";"), *flags) if f)
+        )
         if labels_dir is not None:
             from islet_imaging.io import write_labels
 
