@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "CoarseImageWarning",
     "EmptyImageWarning",
     "ImageReadError",
     "InputError",
@@ -53,3 +54,7 @@ class EmptyImageWarning(UserWarning):
 
 class SmallImageWarning(UserWarning):
     """The image is smaller than the context the CNN needs for its full accuracy."""
+
+
+class CoarseImageWarning(UserWarning):
+    """The image is sampled more coarsely than the CNN was trained and validated for."""

@@ -30,7 +30,12 @@ import numpy as np
 import pandas as pd
 
 from islet_imaging._atomic import atomic_write, check_output_folder
-from islet_imaging.errors import EmptyImageWarning, InputError, SmallImageWarning
+from islet_imaging.errors import (
+    CoarseImageWarning,
+    EmptyImageWarning,
+    InputError,
+    SmallImageWarning,
+)
 from islet_imaging.io._plate import PlateMap, discover_images, parse_plate_name
 from islet_imaging.measure._cells import BackgroundMethod, measure_cells
 from islet_imaging.measure._clusters import cluster_composition, measure_clusters
@@ -70,6 +75,7 @@ log = logging.getLogger(__name__)
 WARNING_FLAGS: dict[type[Warning], str] = {
     EmptyImageWarning: "empty_image",
     SmallImageWarning: "small_image",
+    CoarseImageWarning: "coarse_image",
 }
 
 #: The segmentation model ``score`` uses when none is given (one place to change it): the shipped

@@ -25,8 +25,10 @@ from islet_imaging.models._config import ModelConfig
 from islet_imaging.models._modeldir import Model, save_model
 from islet_imaging.models._network import build_network
 from islet_imaging.models.inference import (
+    MAX_UPSCALE,
     MIN_CONTEXT_PX,
     UNKNOWN_SCALE_MIN_NUCLEUS,
+    CoarseImageWarning,
     EmptyImageWarning,
     SmallImageWarning,
     estimate_nucleus_diameter_px,
@@ -168,6 +170,22 @@ def test_image_smaller_than_the_context_warns_and_is_segmented(oracle: Model) ->
     with pytest.warns(SmallImageWarning, match=r"128×128 px, 64×64 px at the model's 0\.5 µm"):
         labels = segment_cnn(fld, S0, model=oracle, nucleus_diameter_um=20.0)
     assert labels.nuclei.shape == labels.clusters.shape == fld.spatial_shape
+
+
+@pytest.mark.parametrize(("pixel_size", "warns"), [(0.85, False), (0.95, True)])
+def test_coarse_image_warns_and_is_segmented(oracle: Model, pixel_size: float, warns: bool) -> None:
+    """Pixels over MAX_UPSCALE × the model's (0.5 µm) warn, naming the effective size; still
+    segmented on the field's own grid."""
+    assert 0.85 / ORACLE.pixel_size_um < MAX_UPSCALE < 0.95 / ORACLE.pixel_size_um
+    fld, _ = field_2d(pixel_size, px_for_shape=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels = segment_cnn(fld, S0, model=oracle)
+    coarse = [w for w in caught if issubclass(w.category, CoarseImageWarning)]
+    assert len(coarse) == int(warns) and len(caught) == len(coarse)
+    if warns:
+        assert "0.95 µm per pixel (effective), 1.9× the model's 0.5 µm" in str(coarse[0].message)
+    assert labels.nuclei.shape == fld.spatial_shape
 
 
 # -- segmentation and scale ---------------------------------------------------------------------

@@ -146,18 +146,26 @@ def test_empty_field_has_nan_fractions_and_flag() -> None:
 
 def test_segmentation_warnings_become_field_flags(tmp_path: Path) -> None:
     """A batch run records what the segmenter warned about each field: a saturated field
-    (empty labels) and one too small for the CNN's context; a normal field has no such flag."""
+    (empty labels), one too small for the CNN's context, one sampled too coarsely (1.6 µm/px);
+    a normal field has no such flag."""
     from islet_imaging.score import score_image
 
     s = synth.generate_field("S6", seed=9003, size=256)
     small = s.field.with_data(np.ascontiguousarray(s.field.data[..., :96, :96]))
     saturated = s.field.with_data(np.full_like(s.field.data, 65535))
+    coarse = synth.generate_field("S6", seed=9003, size=128, pixel_size_um=1.6).field
     flags = {}
-    for name, fld in (("normal", s.field), ("small", small), ("saturated", saturated)):
+    fields = (("normal", s.field), ("small", small), ("saturated", saturated), ("coarse", coarse))
+    for name, fld in fields:
         write_ome_tiff(tmp_path / f"{name}.ome.tif", fld)
         (result,) = score_image(tmp_path / f"{name}.ome.tif", options=ScoreOptions(stage="S6"))
         flags[name] = result.info["flags"]
-    assert flags == {"normal": "", "small": "small_image", "saturated": "empty_image"}
+    assert flags == {
+        "normal": "",
+        "small": "small_image",
+        "saturated": "empty_image",
+        "coarse": "coarse_image",
+    }
     table = finalize([score_image(tmp_path / "small.ome.tif", options=ScoreOptions(stage="S6"))[0]])
     assert "small_image" in table.fields["flags"].iloc[0].split(";")
 

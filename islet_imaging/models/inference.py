@@ -41,7 +41,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from islet_imaging.errors import EmptyImageWarning, InputError, SmallImageWarning
+from islet_imaging.errors import (
+    CoarseImageWarning,
+    EmptyImageWarning,
+    InputError,
+    SmallImageWarning,
+)
 from islet_imaging.models._config import ModelConfig, Thresholds
 from islet_imaging.models._modeldir import Model, load_model
 from islet_imaging.models._postprocess import maps_to_instances
@@ -52,8 +57,10 @@ if TYPE_CHECKING:
     from islet_imaging.stages import StageProfile
 
 __all__ = [
+    "MAX_UPSCALE",
     "MIN_CONTEXT_PX",
     "MIN_SIZE_PX",
+    "CoarseImageWarning",
     "EmptyImageWarning",
     "SmallImageWarning",
     "channel_percentiles",
@@ -82,6 +89,12 @@ MIN_SIZE_PX = 16
 #: vs 0.928 at 96 px, 0.912 vs 0.929 at 128 px, 0.931 vs 0.942 at 192 px, 0.929 vs 0.933 at
 #: 256 px.
 MIN_CONTEXT_PX = 128
+#: Above this resize factor to the model's scale (image pixels this many times the model's)
+#: inference warns (:class:`CoarseImageWarning`): the default model, trained at 0.5-0.85 µm/px,
+#: splits large aggregates into fragments. Held-out synthetic fields, S6 clusters AP@0.5 0.897
+#: at 1.0 µm/px (×1.54), 0.686 at 1.3 (×2.0), 0.569 at 1.6 (×2.46); nuclei 0.948-0.953
+#: throughout (benchmarks/README.md, "Other sets").
+MAX_UPSCALE = 1.8
 _CHUNK_PX = 1 << 22  # pixels per block in block-wise steps
 #: Accepted range of the resize factor to the model's scale (outside: a wrong pixel size).
 MIN_SCALE, MAX_SCALE = 1 / 32, 16.0
@@ -648,6 +661,17 @@ def predict_field_maps(
     log.debug(
         "%s: scale ×%.3f to %d×%d px at %.3f µm", field.name, factor, mh, mw, cfg.pixel_size_um
     )
+    if factor > MAX_UPSCALE:
+        warnings.warn(
+            f"{field.origin.path or field.name}: {factor * cfg.pixel_size_um:.3g} µm per pixel "
+            f"(effective), {factor:.2g}× the model's {cfg.pixel_size_um:g} µm, coarser than it "
+            "was trained for: nuclei hold up, "
+            "but large aggregates tend to be split into fragments (held-out S6 clusters AP@0.5 "
+            "0.90 at 1.0 µm/px, 0.69 at 1.3, 0.57 at 1.6). Image at 1 µm/px or finer for "
+            "cluster sizes and IEQ",
+            CoarseImageWarning,
+            stacklevel=3,
+        )
     if min(mh, mw) < MIN_CONTEXT_PX:
         warnings.warn(
             f"{field.origin.path or field.name}: the image is {h}×{w} px, {mh}×{mw} px at the "
