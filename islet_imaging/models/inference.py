@@ -664,11 +664,10 @@ def predict_field_maps(
     if factor > MAX_UPSCALE:
         warnings.warn(
             f"{field.origin.path or field.name}: {factor * cfg.pixel_size_um:.3g} µm per pixel "
-            f"(effective), {factor:.2g}× the model's {cfg.pixel_size_um:g} µm, coarser than it "
-            "was trained for: nuclei hold up, "
-            "but large aggregates tend to be split into fragments (held-out S6 clusters AP@0.5 "
-            "0.90 at 1.0 µm/px, 0.69 at 1.3, 0.57 at 1.6). Image at 1 µm/px or finer for "
-            "cluster sizes and IEQ",
+            f"(effective), {factor:.2g}× the model's {cfg.pixel_size_um:g} µm: with the default "
+            "model (trained at 0.5-0.85 µm/px) nuclei hold up, but large aggregates tend to be "
+            "split into fragments (held-out S6 clusters AP@0.5 0.90 at 1.0 µm/px, 0.69 at 1.3, "
+            "0.57 at 1.6). Image at 1 µm/px or finer for cluster sizes and IEQ",
             CoarseImageWarning,
             stacklevel=3,
         )
