@@ -6,6 +6,10 @@ and a user can fix it without reading a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -16,6 +20,7 @@ __all__ = [
     "ModelError",
     "SmallImageWarning",
     "StageError",
+    "logged_warnings",
 ]
 
 
@@ -58,3 +63,19 @@ class SmallImageWarning(UserWarning):
 
 class CoarseImageWarning(UserWarning):
     """The image is sampled more coarsely than the CNN was trained and validated for."""
+
+
+@contextlib.contextmanager
+def logged_warnings(
+    logger: logging.Logger, prefix: str = ""
+) -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside the block, then log each at WARNING after ``prefix``.
+
+    "Always": none is lost to Python's once-per-location filter, so a batch of images logs each
+    image's warnings. Yields the list of recorded warnings (their ``category`` and ``message``).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    for w in caught:
+        logger.warning("%s%s", prefix, w.message)

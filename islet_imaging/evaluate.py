@@ -79,7 +79,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from islet_imaging.errors import InputError
+from islet_imaging.errors import InputError, logged_warnings
 from islet_imaging.metrics import pool_matchings
 
 if TYPE_CHECKING:
@@ -681,8 +680,7 @@ def _segment(
 
     t0 = time.perf_counter()
     diameter = _diameter_for(spec, fld, profile, nucleus_diameter)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with logged_warnings(log, f"{fld.name} ({spec.name}): "):
         labels = segment_field(
             fld,
             stage=profile,
@@ -690,8 +688,6 @@ def _segment(
             device=device,
             nucleus_diameter_um=diameter,
         )
-    for w in caught:
-        log.warning("%s (%s): %s", fld.name, spec.name, w.message)
     return labels.nuclei, labels.clusters, time.perf_counter() - t0
 
 

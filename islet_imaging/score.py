@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import traceback
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from islet_imaging.errors import (
     EmptyImageWarning,
     InputError,
     SmallImageWarning,
+    logged_warnings,
 )
 from islet_imaging.io._plate import PlateMap, discover_images, parse_plate_name
 from islet_imaging.measure._cells import BackgroundMethod, measure_cells
@@ -389,13 +389,11 @@ def score_image(
         )
         _marker_channels(fld, profile)  # fail before segmenting
         fld.require_pixel_size()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with logged_warnings(log) as caught:
             labels = segment_field(fld, stage=profile, model=options.model, augment=options.augment)
-        flags = []
-        for w in caught:
-            log.warning("%s", w.message)
-            flags += [f for cls, f in WARNING_FLAGS.items() if issubclass(w.category, cls)]
+        flags = [
+            f for w in caught for cls, f in WARNING_FLAGS.items() if issubclass(w.category, cls)
+        ]
         result = measure_field(
             fld,
             labels,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,19 @@ def test_empty_field_has_nan_fractions_and_flag() -> None:
     assert math.isnan(row["fraction_positive_INS"])
     assert "no_cells" in row["flags"]
     assert tables.thresholds["value"].isna().all()
+
+
+def test_logged_warnings_logs_each_warning_with_its_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two warnings from one line are both logged (no once-per-location filter) and yielded."""
+    from islet_imaging.errors import logged_warnings
+
+    with caplog.at_level(logging.WARNING), logged_warnings(logging.getLogger("t"), "a.tif: ") as w:
+        for _ in range(2):
+            warnings.warn("too small", UserWarning, stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == ["a.tif: too small"] * 2
+    assert [str(x.message) for x in w] == ["too small"] * 2
 
 
 def test_segmentation_warnings_become_field_flags(tmp_path: Path) -> None:

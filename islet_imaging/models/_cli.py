@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from islet_imaging.errors import InputError
+from islet_imaging.errors import InputError, logged_warnings
 
 if TYPE_CHECKING:
     from islet_imaging.io import Field
@@ -206,11 +205,8 @@ def run(args: argparse.Namespace) -> int:
                         )
                     profile = get_stage(fld.origin.stage, stages_file=args.stages)
                 t0 = time.perf_counter()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with logged_warnings(log):
                     labels = _segment(fld, profile, model, args, classical)
-                for w in caught:
-                    log.warning("%s", w.message)
                 _write(fld, labels, targets, args.overwrite)
                 done += 1
                 log.info(
