@@ -111,19 +111,25 @@ def _field(size: int, pixel_size_um: float):  # type: ignore[no-untyped-def]
 
 
 def memory_child(
-    size: int, model_name: str, tile: int, post_only: bool, arch: str | None = None
+    size: int,
+    model_name: str,
+    tile: int,
+    post_only: bool,
+    arch: str | None = None,
+    block: int | None = None,
 ) -> None:
     """Run in a subprocess: segment one size² field and print memory (MB) as JSON.
 
     ``before_mb``: resident memory once the field (and model) are loaded; ``peak_mb``: the
     process's highest resident memory (``VmHWM``, set-up included). ``post_only``: post-process perfect maps made
     from the truth instead (float16, as segment_cnn holds them), for a realistic object density
-    when no trained model exists.
+    when no trained model exists. ``block``: ``segment_cnn(block=)`` (``None``: the library's
+    default; 0: whole).
     """
     import gc
 
     from islet_imaging.models import make_targets
-    from islet_imaging.models.inference import segment_cnn, stage_instances
+    from islet_imaging.models.inference import BLOCK_PX, segment_cnn, stage_instances
     from islet_imaging.stages import get_stage
 
     profile = get_stage("S6")
@@ -151,7 +157,8 @@ def memory_child(
     if maps is not None:
         nuc, clu = stage_instances(maps, fld.pixel_size.yx, profile, model.config, model.thresholds)
     else:
-        labels = segment_cnn(fld, profile, model=model, tile=tile)
+        block = BLOCK_PX if block is None else block or None
+        labels = segment_cnn(fld, profile, model=model, tile=tile, block=block)
         nuc, clu = labels.nuclei, labels.clusters
     seconds = time.perf_counter() - t0
     print(
@@ -159,6 +166,9 @@ def memory_child(
             {
                 "size": size,
                 "step": "maps_to_instances (perfect maps)" if post_only else "segment_cnn",
+                "block": None if post_only else block,
+                "field_mb": round(fld.data.nbytes / 2**20, 1),
+                "labels_mb": round((nuc.nbytes + clu.nbytes) / 2**20, 1),
                 "trained": trained,
                 "before_mb": round(before, 1),
                 "peak_mb": round(_status_mb("VmHWM"), 1),
@@ -184,12 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--network-only", action="store_true", help="only the forward-pass variants"
     )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the peak memory of segment_cnn (--sizes)"
+    )
+    parser.add_argument(
+        "--block", type=int, help="segment_cnn(block=) for the memory runs (0: whole field)"
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--post-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
-        memory_child(args.memory_child, args.model, args.tile, args.post_only, args.arch)
+        memory_child(
+            args.memory_child, args.model, args.tile, args.post_only, args.arch, args.block
+        )
         return 0
+    if args.memory_only:
+        res: dict[str, Any] = {"machine": {"cpu": _cpu_name(), "load_before": os.getloadavg()}}
+        res["memory"] = _memory_runs(args, post_only=(False,))
+        return _report(res, args.json)
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -290,15 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     res["cnn_over_classical"] = round(res["segment_cnn_seconds"] / res["classical_seconds"], 2)
 
-    res["memory"] = []
-    for size in args.sizes:
-        for post_only in (False, True):
-            cmd = [sys.executable, __file__, "--memory-child", str(size), "--model", args.model]
-            cmd += ["--tile", str(args.tile)] + (["--post-only"] if post_only else [])
-            cmd += ["--arch", args.arch] if args.arch else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
-            res["memory"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res["memory"] = _memory_runs(args, post_only=(False, True))
     return _report(res, args.json)
+
+
+def _memory_runs(args: argparse.Namespace, post_only: tuple[bool, ...]) -> list[dict[str, Any]]:
+    """One fresh subprocess per size (and per ``post_only`` mode): its memory record."""
+    runs = []
+    for size in args.sizes:
+        for post in post_only:
+            cmd = [sys.executable, __file__, "--memory-child", str(size), "--model", args.model]
+            cmd += ["--tile", str(args.tile)] + (["--post-only"] if post else [])
+            cmd += ["--arch", args.arch] if args.arch else []
+            cmd += ["--block", str(args.block)] if args.block is not None else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log_line = {k: runs[-1][k] for k in ("size", "step", "peak_mb", "seconds")}
+            print(json.dumps(log_line), file=sys.stderr, flush=True)
+    return runs
 
 
 def _report(res: dict[str, Any], path: Path | None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_blocks import same_partition
 
 from islet_imaging.cli import main
 from islet_imaging.errors import InputError
@@ -41,7 +42,7 @@ from islet_imaging.models.inference import (
     segment_cnn,
 )
 from islet_imaging.segment import Labels, segment_field
-from islet_imaging.stages import get_stage
+from islet_imaging.stages import StageProfile, get_stage
 
 S0 = get_stage("S0")  # clusters outlined by the nuclear stain
 S6 = get_stage("S6")  # clusters outlined by the sum of all channels
@@ -300,6 +301,59 @@ def test_small_and_odd_sizes(random_bn_model: Model) -> None:
         predict_maps(np.zeros((3, 20, 20), np.float32), random_bn_model)
 
 
+def colonies_field(three_d: bool = False) -> Field:
+    """Two colonies of 6×6 touching nuclei across block edges, and single nuclei; 0.5 µm px. In
+    3D (planes 2 µm apart) the colonies are two layers of nuclei."""
+    layers = (7.0, 16.0) if three_d else (None,)
+    centres = [
+        (y, x) if z is None else (z, y, x)
+        for y0, x0 in ((40, 60), (95, 170))
+        for z in layers
+        for y in range(y0, y0 + 54, 9)
+        for x in range(x0, x0 + 54, 9)
+    ]
+    singles = [(y, x) for y in range(12, 200, 37) for x in (12, 130, 280)]
+    centres += [c if not three_d else (12.0, *c) for c in singles]
+    shape, spacing = (
+        ((24.0, 200.0, 300.0), (2.0, 0.5, 0.5)) if three_d else ((200.0, 300.0), (0.5, 0.5))
+    )
+    img, _ = render(shape, centres, 5.5, spacing)
+    data = (img * 4000 + 50).astype(np.uint16).reshape(1, -1, *img.shape[-2:])
+    return Field(data, ("DAPI",), PixelSize(0.5, 0.5, 2.0))
+
+
+@pytest.mark.parametrize(("three_d", "stage"), [(False, S0), (True, S6)])
+def test_block_wise_segmentation_equals_whole(
+    oracle: Model, three_d: bool, stage: StageProfile
+) -> None:
+    fld = colonies_field(three_d)
+    whole = segment_cnn(fld, stage, model=oracle, block=None, return_probabilities=True)
+    parts = segment_cnn(
+        fld, stage, model=oracle, block=150, block_halo_um=60.0, return_probabilities=True
+    )
+    assert whole.nuclei.max() >= 80 and whole.clusters.max() >= 2
+    assert same_partition(parts.nuclei, whole.nuclei)
+    assert same_partition(parts.clusters, whole.clusters)
+    assert parts.nuclei.max() == whole.nuclei.max()  # renumbered 1..N
+    assert set(parts.probabilities) == set(whole.probabilities) == set(oracle.config.output_names)
+    for name, v in whole.probabilities.items():
+        assert v.dtype == np.float32 and v.max() > 0.9
+        np.testing.assert_allclose(parts.probabilities[name], v, atol=1e-3)
+
+
+def test_block_normalisation_is_the_whole_fields(oracle: Model) -> None:
+    """A block that holds only dim nuclei is normalised with the whole field's percentiles:
+    its dim nuclei stay below the foreground level, as they do in the whole field."""
+    fld = colonies_field()
+    data = fld.data.copy()
+    data[..., 200:] = data[..., 200:] // 60 + 50  # the right third: nuclei at 2 % brightness
+    fld = fld.with_data(data)
+    whole = segment_cnn(fld, S0, model=oracle, block=None)
+    parts = segment_cnn(fld, S0, model=oracle, block=200, block_halo_um=30.0)
+    assert same_partition(parts.nuclei, whole.nuclei)
+    assert not whole.nuclei[..., 260:].any()
+
+
 # -- 3D -----------------------------------------------------------------------------------------
 def test_z_stack_gives_3d_objects(oracle: Model) -> None:
     spacing = (1.5, 0.5, 0.5)
@@ -348,6 +402,12 @@ def test_segment_cli(tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCapture
     # test-time augmentation: the mirror-symmetric oracle gives the same labels
     assert main([*argv, "--overwrite", "--augment"]) == 0
     np.testing.assert_array_equal(read_labels(out / "A01_f1_nuclei.tif"), nuc)
+    # in 2×2 blocks (each window holds the whole 64 µm field, with the 320 µm halo), stitched:
+    # the same objects
+    with caplog.at_level(logging.INFO):
+        assert main([*argv, "--overwrite", "--block", "64"]) == 0
+    assert "segmented in 4 blocks" in caplog.text
+    assert same_partition(read_labels(out / "A01_f1_nuclei.tif"), nuc)
 
 
 def test_segment_cli_failures(
@@ -370,6 +430,10 @@ def test_segment_cli_failures(
     assert main(["segment", str(src), "--out", str(out), "--model", str(tmp_path / "nope")]) == 2
     assert (
         main(["segment", str(src), "--out", str(out), "--model", str(oracle_dir), "--tile", "8"])
+        == 2
+    )
+    assert (
+        main(["segment", str(src), "--out", str(out), "--model", str(oracle_dir), "--block", "40"])
         == 2
     )
     caplog.clear()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from islet_imaging.errors import InputError, logged_warnings
+from islet_imaging.models._blocks import BLOCK_PX
 
 if TYPE_CHECKING:
     from islet_imaging.io import Field
@@ -112,6 +113,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)"
     )
     mod.add_argument(
+        "--block",
+        type=int,
+        default=BLOCK_PX,
+        metavar="PX",
+        help="segment images wider or taller than PX pixels block by block and stitch the "
+        "labels, so memory stays flat for any size (beyond the image and its labels); 0: "
+        f"always whole (default {BLOCK_PX}: about 1.3 GB at most besides those)",
+    )
+    mod.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the network first (pays off only on long runs; see "
@@ -153,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--tile {args.tile} is too small; use at least 32 (e.g. 512)")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    if args.block and args.block < 64:
+        raise InputError(f"--block {args.block} is too small; use at least 64 (or 0: whole)")
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise InputError(f"--pixel-size {args.pixel_size} must be a positive number of µm")
     if args.nucleus_diameter is not None and not args.nucleus_diameter > 0:
@@ -258,6 +270,7 @@ def _segment(
         batch_size=args.batch_size,
         compile=args.compile,
         augment=args.augment,
+        block=args.block or None,
     )
 
 

@@ -22,10 +22,18 @@ Steps of :func:`segment_cnn`:
    plane and post-processed in 3D (seeds linked across planes, size filters in µm³ with the
    anisotropic spacing).
 
-Memory: the network's share is fixed by the tile size (≈ 0.5 GB for a 1024² tile on CPU);
-what grows with the field are the whole-field arrays (normalised input and maps in float16,
-labels in int32: ~25 bytes per pixel). An 8192² 2D field peaks at about 2.2 GB
-(``benchmarks/speed.py``).
+5. **Blocks** (:mod:`~islet_imaging.models._blocks`): a field wider or taller than
+   :data:`BLOCK_PX` (4096 px) is segmented block by block: each core of at most 4096² px is
+   segmented as above inside a window with :data:`BLOCK_HALO_UM` (320 µm) of context (starting
+   on the network's pooling grid), with the whole field's normalisation and scale, and labels
+   of an object that crosses a core edge are joined. The stitched labels equal the whole
+   field's up to rounding (``benchmarks/blocks.py``).
+
+Memory: the network's share is fixed by the tile size (≈ 0.5 GB for a 1024² tile on CPU); the
+whole-field arrays of one window (normalised input and maps in float16, labels in int32, ~25
+bytes per pixel) are bounded by the block size. What grows with the field is only the field
+itself and its two label images (int32: 8 bytes per pixel) (``benchmarks/speed.py
+--memory-only``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +56,13 @@ from islet_imaging.errors import (
     InputError,
     SmallImageWarning,
 )
+from islet_imaging.models._blocks import (
+    BLOCK_HALO_UM,
+    BLOCK_PX,
+    Block,
+    plan_blocks,
+    stitch_blocks,
+)
 from islet_imaging.models._config import ModelConfig, Thresholds
 from islet_imaging.models._modeldir import Model, load_model
 from islet_imaging.models._postprocess import maps_to_instances
@@ -57,16 +73,20 @@ if TYPE_CHECKING:
     from islet_imaging.stages import StageProfile
 
 __all__ = [
+    "BLOCK_HALO_UM",
+    "BLOCK_PX",
     "MAX_UPSCALE",
     "MIN_CONTEXT_PX",
     "MIN_SIZE_PX",
     "CoarseImageWarning",
     "EmptyImageWarning",
+    "InputLimits",
     "SmallImageWarning",
     "channel_percentiles",
     "cluster_split_for",
     "estimate_nucleus_diameter_px",
     "field_instances",
+    "input_limits",
     "normalise_channel",
     "predict_field_maps",
     "predict_maps",
@@ -175,12 +195,48 @@ def _nuclear_index(field: Field, profile: StageProfile) -> int:
     return matched["nuclear"]
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """Normalisation of a field's network input: ``(low, high)`` per channel index, and of the
+    sum of the normalised channels (``None`` when the cluster input is not a sum)."""
+
+    channels: Mapping[int, tuple[float, float]]
+    nuclear: int
+    sum: tuple[float, float] | None
+
+
+def input_limits(field: Field, profile: StageProfile, config: ModelConfig) -> InputLimits:
+    """The percentiles that :func:`prepare_input` maps to 0 and 1, over the whole stack.
+
+    Each channel's percentiles (``config.percentiles``) come from a regular subsample of at most
+    4 M pixels; with ``profile.cluster_input == "sum"`` (and a ``"cluster"`` input), the sum's
+    from the same subsample of every channel.
+    """
+    nuc = _nuclear_index(field, profile)
+    pct = config.percentiles
+    data = field.data
+    limits = {nuc: channel_percentiles(data[nuc], pct)}
+    use_sum = profile.cluster_input == "sum" and field.n_channels > 1 and "cluster" in config.inputs
+    if not use_sum:
+        return InputLimits(limits, nuc, None)
+    for c in range(field.n_channels):
+        limits.setdefault(c, channel_percentiles(data[c], pct))
+    n = int(np.prod(field.spatial_shape))
+    step = max(1, n // _SAMPLE)
+    total = sum(
+        normalise_channel(data[c].reshape(-1)[::step], limits=limits[c])
+        for c in range(field.n_channels)
+    )
+    return InputLimits(limits, nuc, channel_percentiles(total, pct))
+
+
 def prepare_input(
     field: Field,
     profile: StageProfile,
     config: ModelConfig,
     *,
     dtype: type[np.floating] | np.dtype = np.float32,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
     """The normalised network input of a field, at the field's own resolution.
 
@@ -198,6 +254,9 @@ def prepare_input(
         Which inputs, in what order, and the normalisation percentiles.
     dtype : numpy dtype
         Of the result (inference holds it as ``float16`` to halve its memory).
+    limits : InputLimits, optional
+        Precomputed (:func:`input_limits`), e.g. of the whole field when ``field`` is a part of
+        it; default those of ``field``.
 
     Returns
     -------
@@ -208,36 +267,22 @@ def prepare_input(
     InputError
         If the nuclear stain is missing (the message lists the channels present).
     """
-    nuc = _nuclear_index(field, profile)
-    pct = config.percentiles
-    data = field.data
-    limits = {nuc: channel_percentiles(data[nuc], pct)}
-    use_sum = profile.cluster_input == "sum" and field.n_channels > 1 and "cluster" in config.inputs
-    if use_sum:
-        for c in range(field.n_channels):
-            limits.setdefault(c, channel_percentiles(data[c], pct))
-        # percentiles of the sum, from the same regular subsample of every channel
-        n = int(np.prod(field.spatial_shape))
-        step = max(1, n // _SAMPLE)
-        total = sum(
-            normalise_channel(data[c].reshape(-1)[::step], limits=limits[c])
-            for c in range(field.n_channels)
-        )
-        sum_limits = channel_percentiles(total, pct)
+    lim = input_limits(field, profile, config) if limits is None else limits
+    nuc, data = lim.nuclear, field.data
     out = np.empty((len(config.inputs), *field.spatial_shape), dtype)
     z, h, _ = field.spatial_shape
     rows = max(1, _CHUNK_PX // max(1, field.spatial_shape[2]))
     for k in range(z):
         for y0 in range(0, h, rows):
             sl = (k, slice(y0, min(y0 + rows, h)))
-            nuclear = normalise_channel(data[nuc][sl], limits=limits[nuc])
+            nuclear = normalise_channel(data[nuc][sl], limits=lim.channels[nuc])
             cluster = nuclear
-            if use_sum:
+            if lim.sum is not None:
                 block = nuclear.copy()
                 for c in range(field.n_channels):
                     if c != nuc:
-                        block += normalise_channel(data[c][sl], limits=limits[c])
-                cluster = normalise_channel(block, limits=sum_limits)
+                        block += normalise_channel(data[c][sl], limits=lim.channels[c])
+                cluster = normalise_channel(block, limits=lim.sum)
             for i, kind in enumerate(config.inputs):
                 out[(i, *sl)] = nuclear if kind == "nuclear" else cluster
     return out
@@ -652,19 +697,30 @@ def predict_field_maps(
     cfg = mdl.config
     _check_field(field)
     factor, px = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
-    z, h, w = field.spatial_shape
-    mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
-    if field.pixel_size is not None:
-        sz, sy, sx = field.pixel_size.zyx
-    else:
-        sz = sy = sx = px
-    log.debug(
-        "%s: scale ×%.3f to %d×%d px at %.3f µm", field.name, factor, mh, mw, cfg.pixel_size_um
+    _warn_about_scale(field, factor, cfg)
+    return _field_maps(
+        field,
+        profile,
+        mdl,
+        factor,
+        px,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        compile=compile,
+        augment=augment,
+        dtype=dtype,
     )
+
+
+def _warn_about_scale(field: Field, factor: float, config: ModelConfig) -> None:
+    """:class:`CoarseImageWarning` and :class:`SmallImageWarning` when they apply."""
+    _, h, w = field.spatial_shape
+    mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
     if factor > MAX_UPSCALE:
         warnings.warn(
-            f"{field.origin.path or field.name}: {factor * cfg.pixel_size_um:.3g} µm per pixel "
-            f"(effective), {factor:.2g}× the model's {cfg.pixel_size_um:g} µm: with the default "
+            f"{field.origin.path or field.name}: {factor * config.pixel_size_um:.3g} µm per pixel "
+            f"(effective), {factor:.2g}× the model's {config.pixel_size_um:g} µm: with the default "
             "model (trained at 0.5-0.85 µm/px) nuclei hold up, but large aggregates tend to be "
             "split into fragments (held-out S6 clusters AP@0.5 0.90 at 1.0 µm/px, 0.69 at 1.3, "
             "0.57 at 1.6). Image at 1 µm/px or finer for cluster sizes and IEQ",
@@ -674,15 +730,43 @@ def predict_field_maps(
     if min(mh, mw) < MIN_CONTEXT_PX:
         warnings.warn(
             f"{field.origin.path or field.name}: the image is {h}×{w} px, {mh}×{mw} px at the "
-            f"model's {cfg.pixel_size_um:g} µm pixels: less than the {MIN_CONTEXT_PX} px of "
+            f"model's {config.pixel_size_um:g} µm pixels: less than the {MIN_CONTEXT_PX} px of "
             "context the CNN needs around each object, so expect lower accuracy (nuclei "
             "AP@0.5 about 0.02 lower at 96-128 px, 0.04 at 64 px). Segment the whole field, "
             "not a crop",
             SmallImageWarning,
             stacklevel=3,
         )
+
+
+def _field_maps(
+    field: Field,
+    profile: StageProfile,
+    model: Model,
+    factor: float,
+    pixel_size_um: float,
+    *,
+    limits: InputLimits | None = None,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    compile: bool,
+    augment: bool,
+    dtype: type[np.floating] | np.dtype,
+) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
+    """:func:`predict_field_maps` once the scale (``factor``, effective µm per pixel) is known."""
+    cfg = model.config
+    z, h, w = field.spatial_shape
+    mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
+    if field.pixel_size is not None:
+        sz, sy, sx = field.pixel_size.zyx
+    else:
+        sz = sy = sx = pixel_size_um
+    log.debug(
+        "%s: scale ×%.3f to %d×%d px at %.3f µm", field.name, factor, mh, mw, cfg.pixel_size_um
+    )
     inputs = prepare_input(
-        field, profile, cfg, dtype=np.float16 if dtype == np.float16 else np.float32
+        field, profile, cfg, dtype=np.float16 if dtype == np.float16 else np.float32, limits=limits
     )
     same = (mh, mw) == (h, w)
     maps: dict[str, np.ndarray] = {}
@@ -690,8 +774,7 @@ def predict_field_maps(
         x = inputs[:, k] if same else resize_image(inputs[:, k], (mh, mw))
         plane = predict_maps(
             x,
-            mdl,
-            device=device,
+            model,
             tile=tile,
             overlap=overlap,
             batch_size=batch_size,
@@ -817,6 +900,8 @@ def segment_cnn(
     batch_size: int = 1,
     compile: bool = False,
     augment: bool = False,
+    block: int | None = BLOCK_PX,
+    block_halo_um: float = BLOCK_HALO_UM,
 ) -> Labels:
     """Segment one field with a CNN model into nucleus and cluster instances.
 
@@ -845,6 +930,14 @@ def segment_cnn(
     augment : bool
         Test-time augmentation: maps averaged over mirror images, 4× the network time (see
         :func:`predict_maps`).
+    block : int or None
+        A field with more than this many pixels along y or x is segmented block by block
+        (cores of at most ``block`` px, each inside a window with ``block_halo_um`` of context
+        on every side) and the labels stitched (:mod:`~islet_imaging.models._blocks`), so that
+        memory beyond the field and its labels stays flat however large the field is.
+        ``None``: always whole.
+    block_halo_um : float
+        Context around each block, in µm (default :data:`BLOCK_HALO_UM`).
 
     Returns
     -------
@@ -877,27 +970,61 @@ def segment_cnn(
             else {}
         )
         return Labels(zeros, zeros.copy(), probs, method)
-    maps, spacing = predict_field_maps(
-        field,
-        profile,
-        mdl,
-        device=device,
-        nucleus_diameter_um=nucleus_diameter_um,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        compile=compile,
-        augment=augment,
-        dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
-    )
-    nuclei, clusters = field_instances(
-        maps,
-        spacing,
-        field,
-        profile,
-        mdl,
-        thresholds=thresholds,
-        nucleus_diameter_um=nucleus_diameter_um,
-    )
-    probs = {k: v.astype(np.float32) for k, v in maps.items()} if return_probabilities else {}
+    factor, px = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
+    _warn_about_scale(field, factor, cfg)
+    limits = input_limits(field, profile, cfg)
+    _, h, w = field.spatial_shape
+    if block is not None and block < MIN_SIZE_PX:
+        raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
+    halo = math.ceil(block_halo_um / px)
+    # at the model's scale, windows start on the network's pooling grid, as the whole field does
+    align = cfg.size_multiple if math.isclose(factor, 1.0) else 1
+    blocks = plan_blocks((h, w), h + w if block is None else block, halo, align=align)
+    probs: dict[str, np.ndarray] = {}
+
+    def segment_window(blk: Block) -> tuple[np.ndarray, np.ndarray]:
+        part = field if len(blocks) == 1 else field.with_data(field.data[(..., *blk.window)])
+        maps, spacing = _field_maps(
+            part,
+            profile,
+            mdl,
+            factor,
+            px,
+            limits=limits,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            compile=compile,
+            augment=augment,
+            dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
+        )
+        if return_probabilities and len(blocks) == 1:
+            probs.update((n, v.astype(np.float32)) for n, v in maps.items())
+        elif return_probabilities:
+            for n, v in maps.items():
+                if n not in probs:
+                    probs[n] = np.zeros(field.spatial_shape, np.float32)
+                probs[n][(..., *blk.core)] = v[(..., *blk.core_in_window)]
+        return field_instances(
+            maps,
+            spacing,
+            part,
+            profile,
+            mdl,
+            thresholds=thresholds,
+            nucleus_diameter_um=nucleus_diameter_um,
+        )
+
+    if len(blocks) == 1:
+        nuclei, clusters = segment_window(blocks[0])
+    else:
+        log.info(
+            "%s: %d×%d px, segmented in %d blocks with %d px halos",
+            field.name,
+            h,
+            w,
+            len(blocks),
+            halo,
+        )
+        nuclei, clusters = stitch_blocks(field.spatial_shape, blocks, segment_window, halo=halo)
     return Labels(nuclei, clusters, probs, method)
