@@ -10,7 +10,7 @@ times.
 
 Usage::
 
-    .venv/bin/python benchmarks/blocks.py --halos 160 320 --out benchmarks/results/blocks.json
+    .venv/bin/python benchmarks/blocks.py --halos 160 200 320 --out benchmarks/results/blocks.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--block", type=int, default=1024)
-    parser.add_argument("--halos", type=float, nargs="+", default=[320.0], metavar="UM")
+    parser.add_argument("--halos", type=float, nargs="+", default=[200.0], metavar="UM")
     parser.add_argument("--stages", nargs="+", default=list(STAGES))
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path)

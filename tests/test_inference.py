@@ -238,6 +238,12 @@ def test_without_pixel_size_the_diameter_is_estimated(oracle: Model) -> None:
     with pytest.warns(UserWarning, match="estimated the nucleus diameter"):
         labels = segment_cnn(fld, S0, model=oracle)
     assert match(truth, labels.nuclei, thresholds=0.5)[0].ap == 1.0
+    # in blocks: estimated once, on the whole field, and the same objects
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parts = segment_cnn(fld, S0, model=oracle, block=64)
+    assert [str(w.message).count("estimated the nucleus diameter") for w in caught] == [1]
+    assert same_partition(parts.nuclei, labels.nuclei)
 
 
 def test_resample_functions() -> None:
@@ -402,7 +408,7 @@ def test_segment_cli(tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCapture
     # test-time augmentation: the mirror-symmetric oracle gives the same labels
     assert main([*argv, "--overwrite", "--augment"]) == 0
     np.testing.assert_array_equal(read_labels(out / "A01_f1_nuclei.tif"), nuc)
-    # in 2×2 blocks (each window holds the whole 64 µm field, with the 320 µm halo), stitched:
+    # in 2×2 blocks (each window holds the whole 64 µm field, with the 200 µm halo), stitched:
     # the same objects
     with caplog.at_level(logging.INFO):
         assert main([*argv, "--overwrite", "--block", "64"]) == 0

@@ -38,9 +38,10 @@ __all__ = ["BLOCK_HALO_UM", "BLOCK_PX", "Block", "plan_blocks", "stitch_blocks"]
 #: (``segment_cnn(block=)``): beyond the field and its labels, memory then stays that of a
 #: field this size.
 BLOCK_PX = 4096
-#: Context around each block (µm): more than the largest aggregate, so that an object near a
-#: block's edge is segmented whole, in its surroundings, on both sides.
-BLOCK_HALO_UM = 320.0
+#: Context around each block (µm). Held-out synthetic 2048² fields of all 8 stages (clusters up
+#: to 300 µm across) cut into 1024 px blocks gave the whole field's labels with halos of 160,
+#: 200 and 320 µm (``benchmarks/blocks.py``); the time grows with the halo.
+BLOCK_HALO_UM = 200.0
 
 #: Two labels of neighbouring windows are one object when their intersection over union in the
 #: band both windows share is at least this.

@@ -24,7 +24,7 @@ Steps of :func:`segment_cnn`:
 
 5. **Blocks** (:mod:`~islet_imaging.models._blocks`): a field wider or taller than
    :data:`BLOCK_PX` (4096 px) is segmented block by block: each core of at most 4096² px is
-   segmented as above inside a window with :data:`BLOCK_HALO_UM` (320 µm) of context (starting
+   segmented as above inside a window with :data:`BLOCK_HALO_UM` (200 µm) of context (starting
    on the network's pooling grid), with the whole field's normalisation and scale, and labels
    of an object that crosses a core edge are joined. The stitched labels equal the whole
    field's up to rounding (``benchmarks/blocks.py``).
