@@ -232,6 +232,8 @@ def stitch_blocks(
     pending: dict[tuple[int, int], list[tuple[tuple[slice, slice], list[np.ndarray]]]] = {}
     for blk in blocks:
         labels = [np.asarray(lab) for lab in segment(blk)]
+        if not labels:
+            raise ValueError("segment() returned no label images")
         if not outputs:
             outputs = [np.zeros(shape, np.int32) for _ in labels]
             sets = [_UnionFind() for _ in labels]
@@ -240,21 +242,24 @@ def stitch_blocks(
             sizes = [np.zeros(1, np.int64) for _ in labels]
         trusted = _local(_trusted(blk, halo, plane), blk)
         ids = []
-        for k, lab in enumerate(labels):
+        for k in range(len(labels)):
+            lab, labels[k] = labels[k], None  # type: ignore[call-overload]
             n = int(lab.max(initial=0))
             if n + next_id[k] >= np.iinfo(np.int32).max:
                 raise OverflowError("more than 2**31 labels")
-            glob = lab.astype(np.int32)  # a copy: ids unique over all windows
-            glob[glob > 0] += np.int32(next_id[k])
-            outputs[k][(slice(None), *blk.core)] = glob[(slice(None), *blk.core_in_window)]
-            in_core = np.bincount(
-                np.ravel(lab[(slice(None), *blk.core_in_window)]), minlength=n + 1
-            )
+            core = (slice(None), *blk.core_in_window)
+            in_core = np.bincount(lab[core].reshape(-1), minlength=n + 1)
             present[k].append(np.flatnonzero(in_core[1:]) + 1 + next_id[k])
-            seen = np.bincount(np.ravel(lab[trusted]), minlength=n + 1)[1:]
+            seen = np.bincount(lab[trusted].reshape(-1), minlength=n + 1)[1:]
             sizes[k] = np.concatenate([sizes[k], seen])
+            # ids unique over all windows (a copy: the caller's arrays are left alone)
+            glob = lab.astype(np.int32)
+            del lab
+            glob[glob > 0] += np.int32(next_id[k])
+            outputs[k][(slice(None), *blk.core)] = glob[core]
             next_id[k] += n
             ids.append(glob)
+            del glob
         for band, crops in pending.pop(blk.index, []):
             for k, crop in enumerate(crops):
                 for i, j in _links(crop, ids[k][_local(band, blk)], sizes[k]):
