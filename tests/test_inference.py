@@ -347,6 +347,14 @@ def test_block_wise_segmentation_equals_whole(
         np.testing.assert_allclose(parts.probabilities[name], v, atol=1e-3)
 
 
+def test_bad_block_options_are_refused(oracle: Model) -> None:
+    fld, _ = field_2d(0.5)
+    with pytest.raises(InputError, match="block 8 px is smaller"):
+        segment_cnn(fld, S0, model=oracle, block=8)
+    with pytest.raises(InputError, match="halo -1"):
+        segment_cnn(fld, S0, model=oracle, block=64, block_halo_um=-1)
+
+
 def test_block_normalisation_is_the_whole_fields(oracle: Model) -> None:
     """A block that holds only dim nuclei is normalised with the whole field's percentiles:
     its dim nuclei stay below the foreground level, as they do in the whole field."""

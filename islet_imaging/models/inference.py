@@ -976,6 +976,8 @@ def segment_cnn(
     _, h, w = field.spatial_shape
     if block is not None and block < MIN_SIZE_PX:
         raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
+    if not block_halo_um >= 0:
+        raise InputError(f"block halo {block_halo_um} µm must be zero or more")
     halo = math.ceil(block_halo_um / px)
     # at the model's scale, windows start on the network's pooling grid, as the whole field does
     align = cfg.size_multiple if math.isclose(factor, 1.0) else 1
