@@ -43,7 +43,8 @@ then ``<repo>/models/``.
 
 **Inference** — :func:`predict_maps(image, model, ...) <predict_maps>` (tiled, blended, bounded
 memory) and :func:`segment_cnn(field, profile, model=..., ...) <segment_cnn>` →
-:class:`islet_imaging.segment.Labels` (scale-aware: rescales to the model's pixel size and back).
+:class:`islet_imaging.segment.Labels` (scale-aware: rescales to the model's pixel size and back;
+fields over ``BLOCK_PX`` a side are segmented block by block and stitched, ``_blocks.py``).
 """
 
 from __future__ import annotations

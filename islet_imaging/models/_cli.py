@@ -119,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="segment images wider or taller than PX pixels block by block and stitch the "
         "labels, so memory stays flat for any size (beyond the image and its labels); 0: "
-        f"always whole (default {BLOCK_PX}: about 1.3 GB at most besides those)",
+        f"always whole (default {BLOCK_PX}: about 1.1 GB besides those; smaller blocks need less "
+        "memory and more time)",
     )
     mod.add_argument(
         "--compile",
