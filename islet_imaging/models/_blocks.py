@@ -4,13 +4,14 @@ A field larger than one block is cut into a grid of **cores** (each about ``bloc
 side) that cover it exactly once. Each core is segmented inside a **window**: the core grown by
 a ``halo`` on every side that is not the image border, so that objects near the core's edge
 are seen whole, with their surroundings. Each window's labels are cropped to its core and
-written with ids unique to the window; then labels of neighbouring windows (side by side or
-one above the other; across a corner the links follow through the halos) are **linked** where they describe the same object: inside the band where both
-windows see well (the two windows' overlap, less half a halo at each window edge), two labels
-are one object when their intersection over union there is at least 0.5, or when they share at
-least half of the smaller one (counted where its own window sees well): a piece that one window
-sees cut off from a large object, whose connection lies outside that window. Linked ids are merged
-(union-find) and all ids renumbered 1..N.
+written with ids unique to the window. Then labels of neighbouring windows (side by side or
+one above the other; across a corner the links follow through the halos) are **linked** where
+they describe the same object. Inside the band where both windows see well (their overlap, less
+half a halo at each window edge inside the image), two labels are one object when their
+intersection over union there is at least 0.5, or when they share at least half of the smaller
+one (counted where its own window sees well): a piece that one window sees cut off from a large
+object, whose connection lies outside that window. Linked ids are merged (union-find) and all
+ids renumbered 1..N.
 
 An object that crosses a core edge therefore keeps one label, however large: a monolayer
 sheet spanning the whole well is linked window to window. Two objects that touch across a core
