@@ -1,8 +1,8 @@
 """What block-wise segmentation changes: the shipped model on large held-out synthetic fields,
 segmented whole and block by block (``segment_cnn(block=, block_halo_um=)``).
 
-For each stage, one ``--size``² field at 0.65 µm/px (seed 9100 + stage index, not used in
-training or tuning) is segmented whole and in blocks of ``--block`` px (small blocks, so that
+For each stage, one ``--size``² field at 0.65 µm/px (``--pixel-size``; seed 9100 + stage index,
+not used in training or tuning) is segmented whole and in blocks of ``--block`` px (small blocks, so that
 many objects cross block edges). Reported per stage and pooled: AP@0.5 of the block-wise labels
 against the truth next to the whole field's, and how closely block-wise labels reproduce the
 whole field's (AP@0.9 and @0.5 of one against the other), for nuclei and clusters, and both
@@ -11,6 +11,7 @@ times.
 Usage::
 
     .venv/bin/python benchmarks/blocks.py --halos 160 200 320 --out benchmarks/results/blocks.json
+    .venv/bin/python benchmarks/blocks.py --pixel-size 0.5 --out benchmarks/results/blocks_0.5um.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--halos", type=float, nargs="+", default=[200.0], metavar="UM")
     parser.add_argument("--stages", nargs="+", default=list(STAGES))
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=0.65,
+        metavar="UM",
+        help="of the fields (0.65: the model's own, no resizing)",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for i, stage in enumerate(args.stages):
         profile = get_stage(stage)
-        s = generate_field(profile, seed=9100 + i, size=args.size, pixel_size_um=0.65)
+        s = generate_field(profile, seed=9100 + i, size=args.size, pixel_size_um=args.pixel_size)
         t0 = time.perf_counter()
         whole = segment_cnn(s.field, profile, model=model, block=None)
         t_whole = time.perf_counter() - t0
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model.path),
         "size": args.size,
         "block": args.block,
+        "pixel_size_um": args.pixel_size,
         "seeds": f"9100 + stage index (stages {args.stages})",
         "rows": rows,
     }
