@@ -309,7 +309,7 @@ def test_small_and_odd_sizes(random_bn_model: Model) -> None:
 
 def colonies_field(three_d: bool = False) -> Field:
     """Two colonies of 6×6 touching nuclei across block edges, and single nuclei; 0.5 µm px. In
-    3D (planes 2 µm apart) the colonies are two layers of nuclei."""
+    3D (planes 3 µm apart) the colonies are two layers of nuclei."""
     layers = (7.0, 16.0) if three_d else (None,)
     centres = [
         (y, x) if z is None else (z, y, x)
@@ -321,11 +321,11 @@ def colonies_field(three_d: bool = False) -> Field:
     singles = [(y, x) for y in range(12, 200, 37) for x in (12, 130, 280)]
     centres += [c if not three_d else (12.0, *c) for c in singles]
     shape, spacing = (
-        ((24.0, 200.0, 300.0), (2.0, 0.5, 0.5)) if three_d else ((200.0, 300.0), (0.5, 0.5))
+        ((24.0, 200.0, 300.0), (3.0, 0.5, 0.5)) if three_d else ((200.0, 300.0), (0.5, 0.5))
     )
     img, _ = render(shape, centres, 5.5, spacing)
     data = (img * 4000 + 50).astype(np.uint16).reshape(1, -1, *img.shape[-2:])
-    return Field(data, ("DAPI",), PixelSize(0.5, 0.5, 2.0))
+    return Field(data, ("DAPI",), PixelSize(0.5, 0.5, 3.0))
 
 
 @pytest.mark.parametrize(("three_d", "stage"), [(False, S0), (True, S6)])
