@@ -177,3 +177,21 @@ def test_a_piece_cut_off_in_one_window_joins_its_object() -> None:
 
     (out,) = stitch_blocks((1, *u.shape), plan_blocks(u.shape, 40, 10), segment, halo=10)
     assert same_partition(out[0], u.astype(np.int32))
+
+
+def test_empty_windows_and_an_empty_image() -> None:
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:15, 5:15] = 7  # one object, in the first block only
+
+    def segment(b: Block) -> list[np.ndarray]:
+        return [label(lab[b.window] > 0)[np.newaxis]]
+
+    (out,) = stitch_blocks((1, 60, 60), plan_blocks((60, 60), 20, 4), segment, halo=4)
+    assert same_partition(out[0], lab) and out.max() == 1
+    (none,) = stitch_blocks(
+        (1, 60, 60),
+        plan_blocks((60, 60), 20, 4),
+        lambda b: [np.zeros((1, *lab[b.window].shape), np.int32)],
+        halo=4,
+    )
+    assert none.dtype == np.int32 and not none.any()
