@@ -420,7 +420,7 @@ def test_segment_cli(tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCapture
     # the same objects
     with caplog.at_level(logging.INFO):
         assert main([*argv, "--overwrite", "--block", "64"]) == 0
-    assert "segmented in 4 blocks" in caplog.text
+    assert "segmented in 4 blocks" in caplog.text and "A01_f1: block 4 of 4" in caplog.text
     assert same_partition(read_labels(out / "A01_f1_nuclei.tif"), nuc)
 
 

@@ -1000,6 +1000,8 @@ def segment_cnn(
             augment=augment,
             dtype=np.float16,  # halves the maps' memory; thresholds need no more precision
         )
+        if len(blocks) > 1:
+            log.info("%s: block %d of %d", field.name, blocks.index(blk) + 1, len(blocks))
         if return_probabilities and len(blocks) == 1:
             probs.update((n, v.astype(np.float32)) for n, v in maps.items())
         elif return_probabilities:
