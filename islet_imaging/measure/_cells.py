@@ -316,7 +316,10 @@ def measure_cells(
         )
     zyx = as_spacing(spacing)
     compartments = dict(compartments or {})
-    images = {name: as_intensity(img, nuc.shape, name) for name, img in intensities.items()}
+    # checked now, converted to float64 one channel at a time below (memory)
+    images = {
+        name: as_intensity(img, nuc.shape, name, convert=False) for name, img in intensities.items()
+    }
     for name, comp in compartments.items():
         if comp not in ("nuclear", "cytoplasmic"):
             raise InputError(f"compartment of {name!r} is {comp!r}; use 'nuclear' or 'cytoplasmic'")
@@ -366,7 +369,8 @@ def measure_cells(
             ring_gap_um=ring_gap_um,
             ring_width_um=ring_width_um,
         )
-    for name, img in images.items():
+    for name in list(images):
+        img = as_intensity(images.pop(name), nuc.shape, name)
         if isinstance(background, Mapping):
             if name not in background:
                 raise InputError(f"no background value given for marker {name!r}")
@@ -400,4 +404,5 @@ def measure_cells(
         table[f"median_{name}"] = raw_median - cell_bg
         table[f"integrated_{name}"] = raw_total - cell_bg * voxels
         table[f"background_{name}"] = cell_bg
+        del img
     return pd.DataFrame(table)

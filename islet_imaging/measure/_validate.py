@@ -37,8 +37,14 @@ def as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def as_intensity(image: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """A marker image as a float64 (Z, Y, X) array of the labels' shape."""
+def as_intensity(
+    image: np.ndarray, shape: tuple[int, ...], name: str, *, convert: bool = True
+) -> np.ndarray:
+    """A marker image as a float64 (Z, Y, X) array of the labels' shape.
+
+    ``convert=False`` only checks it and returns a (Z, Y, X) view in its own dtype, so that a
+    caller with many channels converts one at a time.
+    """
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[np.newaxis]
@@ -49,7 +55,7 @@ def as_intensity(image: np.ndarray, shape: tuple[int, ...], name: str) -> np.nda
         )
     if arr.dtype.kind not in "uif":
         raise InputError(f"image of {name!r} has unsupported dtype {arr.dtype}")
-    return arr.astype(np.float64, copy=False)
+    return arr.astype(np.float64, copy=False) if convert else arr
 
 
 def as_spacing(
