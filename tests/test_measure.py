@@ -415,3 +415,30 @@ def test_measure_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "distance"),
+    [((90, 70), (1.0, 1.0), 4.0), ((90, 70), (0.5, 0.7), 3.0), ((3, 80, 40), (2.0, 0.6, 0.6), 5.0)],
+)
+def test_expand_labels_in_strips_equals_skimage(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    distance: float,
+) -> None:
+    """Strips of 8 rows give exactly skimage's result, ties between equidistant labels included
+    (integer grids are full of them)."""
+    from skimage.segmentation import expand_labels as skimage_expand
+
+    from islet_imaging.measure import _cells
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros(shape, np.int64)
+    flat = labels.reshape(-1)
+    flat[rng.choice(flat.size, size=flat.size // 40, replace=False)] = rng.integers(
+        1, 30, flat.size // 40
+    )
+    monkeypatch.setattr(_cells, "_STRIP_ROWS", 8)
+    got = _cells.expand_labels(labels, distance=distance, spacing=spacing)
+    np.testing.assert_array_equal(got, skimage_expand(labels, distance=distance, spacing=spacing))

@@ -12,12 +12,13 @@ Intensities are corrected for the local background before they are summarised (s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from skimage.segmentation import expand_labels
+from skimage.segmentation import expand_labels as _skimage_expand_labels
 
 from islet_imaging.errors import InputError
 from islet_imaging.measure._validate import as_intensity, as_labels, as_spacing, grouped_percentile
@@ -37,6 +38,38 @@ BackgroundMethod = Literal["ring", "global", "none"]
 
 #: Smallest number of background voxels a ring (or the field) needs for a background estimate.
 MIN_BACKGROUND_VOXELS = 50
+
+
+#: Rows per strip of :func:`expand_labels` (a whole-image distance transform with indices
+#: takes ~32 bytes per pixel; strips bound that).
+_STRIP_ROWS = 1024
+
+
+def expand_labels(labels: np.ndarray, *, distance: float, spacing: Sequence[float]) -> np.ndarray:
+    """``skimage.segmentation.expand_labels``, computed in strips of rows for bounded memory.
+
+    Exact: a pixel takes the label of its nearest labelled pixel within ``distance``, and that
+    pixel, with every nearer one, lies within ``distance`` of it, so inside a strip grown by
+    ``distance`` on each side. ``labels``: (Y, X) or (Z, Y, X), strips along Y.
+    """
+    axis = labels.ndim - 2
+    n = labels.shape[axis]
+    halo = math.ceil(distance / float(spacing[axis])) + 1
+    if n <= _STRIP_ROWS + 2 * halo:
+        return _skimage_expand_labels(labels, distance=distance, spacing=spacing)
+    out = np.empty_like(labels)
+    for y0 in range(0, n, _STRIP_ROWS):
+        y1 = min(n, y0 + _STRIP_ROWS)
+        lo, hi = max(0, y0 - halo), min(n, y1 + halo)
+        strip = _skimage_expand_labels(
+            np.take(labels, np.arange(lo, hi), axis=axis), distance=distance, spacing=spacing
+        )
+        core = [slice(None)] * labels.ndim
+        core[axis] = slice(y0, y1)
+        inner = [slice(None)] * labels.ndim
+        inner[axis] = slice(y0 - lo, y1 - lo)
+        out[tuple(core)] = strip[tuple(inner)]
+    return out
 
 
 def cell_cluster_ids(nuclei: np.ndarray, clusters: np.ndarray) -> np.ndarray:
