@@ -71,9 +71,13 @@ class Block:
     @property
     def core_in_window(self) -> tuple[slice, slice]:
         """``core`` in the window's own coordinates."""
+        return self.in_window(self.core)
+
+    def in_window(self, region: tuple[slice, slice]) -> tuple[slice, slice]:
+        """A ``(y, x)`` region of the image in the window's own coordinates."""
         return tuple(  # type: ignore[return-value]
-            slice(c.start - w.start, c.stop - w.start)
-            for c, w in zip(self.core, self.window, strict=True)
+            slice(r.start - w.start, r.stop - w.start)
+            for r, w in zip(region, self.window, strict=True)
         )
 
 
@@ -139,16 +143,6 @@ def _band(a: Block, b: Block, halo: int, shape: Sequence[int]) -> tuple[slice, s
         slice(max(p.start, q.start), min(p.stop, q.stop)) for p, q in zip(ta, tb, strict=True)
     )
     return None if any(sl.stop <= sl.start for sl in band) else band  # type: ignore[return-value]
-
-
-def _local(region: tuple[slice, slice], blk: Block) -> tuple[slice, slice, slice]:
-    """``(Z, y, x)`` index of an image region in the block's window."""
-    (ry, rx), (wy, wx) = region, blk.window
-    return (
-        slice(None),
-        slice(ry.start - wy.start, ry.stop - wy.start),
-        slice(rx.start - wx.start, rx.stop - wx.start),
-    )
 
 
 class _UnionFind:
@@ -241,7 +235,7 @@ def stitch_blocks(
             present = [[] for _ in labels]
             next_id = [0 for _ in labels]
             sizes = [np.zeros(1, np.int64) for _ in labels]
-        trusted = _local(_trusted(blk, halo, plane), blk)
+        trusted = (slice(None), *blk.in_window(_trusted(blk, halo, plane)))
         ids = []
         for k in range(len(labels)):
             lab, labels[k] = labels[k], None  # type: ignore[call-overload]
@@ -263,7 +257,7 @@ def stitch_blocks(
             del glob
         for band, crops in pending.pop(blk.index, []):
             for k, crop in enumerate(crops):
-                for i, j in _links(crop, ids[k][_local(band, blk)], sizes[k]):
+                for i, j in _links(crop, ids[k][(slice(None), *blk.in_window(band))], sizes[k]):
                     sets[k].union(i, j)
         r, c = blk.index
         for later in ((r, c + 1), (r + 1, c)):  # diagonal links follow through these
@@ -271,7 +265,7 @@ def stitch_blocks(
             band = None if other is None else _band(blk, other, halo, plane)
             if band is None:
                 continue
-            crops = [g[_local(band, blk)].copy() for g in ids]
+            crops = [g[(slice(None), *blk.in_window(band))].copy() for g in ids]
             pending.setdefault(later, []).append((band, crops))
         del labels, ids
     for k, out in enumerate(outputs):

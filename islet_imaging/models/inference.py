@@ -818,11 +818,6 @@ def _check_field(field: Field) -> None:
         )
 
 
-def _is_empty(field: Field, profile: StageProfile, config: ModelConfig) -> bool:
-    lo, hi = channel_percentiles(field.data[_nuclear_index(field, profile)], config.percentiles)
-    return not hi > lo
-
-
 def stage_instances(
     maps: Mapping[str, np.ndarray],
     spacing: Sequence[float],
@@ -955,9 +950,15 @@ def segment_cnn(
     mdl = load_model(model, device=device)
     cfg = mdl.config
     _check_field(field)
+    if block is not None and block < MIN_SIZE_PX:
+        raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
+    if not block_halo_um >= 0:
+        raise InputError(f"block halo {block_halo_um} µm must be zero or more")
     method = mdl.name + AUGMENTED_SUFFIX if augment else mdl.name
-    zeros = np.zeros(field.spatial_shape, np.int32)
-    if _is_empty(field, profile, cfg):
+    limits = input_limits(field, profile, cfg)  # of the whole field, for every block
+    lo, hi = limits.channels[limits.nuclear]
+    if not hi > lo:
+        zeros = np.zeros(field.spatial_shape, np.int32)
         warnings.warn(
             f"{field.origin.path or field.name}: the nuclear channel is constant (all zero or "
             "saturated); nothing to segment, returning empty labels",
@@ -972,16 +973,11 @@ def segment_cnn(
         return Labels(zeros, zeros.copy(), probs, method)
     factor, px = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
     _warn_about_scale(field, factor, cfg)
-    limits = input_limits(field, profile, cfg)
     _, h, w = field.spatial_shape
-    if block is not None and block < MIN_SIZE_PX:
-        raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
-    if not block_halo_um >= 0:
-        raise InputError(f"block halo {block_halo_um} µm must be zero or more")
     halo = math.ceil(block_halo_um / px)
     # at the model's scale, windows start on the network's pooling grid, as the whole field does
     align = cfg.size_multiple if math.isclose(factor, 1.0) else 1
-    blocks = plan_blocks((h, w), h + w if block is None else block, halo, align=align)
+    blocks = plan_blocks((h, w), max(h, w) if block is None else block, halo, align=align)
     probs: dict[str, np.ndarray] = {}
 
     def segment_window(blk: Block) -> tuple[np.ndarray, np.ndarray]:
