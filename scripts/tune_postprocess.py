@@ -13,7 +13,9 @@ AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current 
 ``--seed-levels``, on two sets of 2D images: fields of all 8 stages, and the DSB 2018
 fluorescence ``val`` split (``--dsb``; skipped when absent), each image rescaled by its
 estimated nucleus diameter as in ``benchmarks/accuracy.py``. Best: the mean over the sets of
-the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then the z-stack levels
+the pooled nuclei AP@0.5 (ties: the mean AP@0.75). Then ``nuclei_min_section`` (the size floor
+of nuclei in 2D sections through aggregates) over ``--min-sections``, on the 2D fields of the
+aggregate stages, the only images it acts on (best: pooled AP@0.5). Then the z-stack levels
 ``nuclei_foreground_3d`` × ``nuclei_seed_3d`` × ``nuclei_end_plane_3d`` over
 ``--foregrounds-3d`` × ``--seed-levels-3d`` × ``--end-planes-3d`` on z-stacks (5 planes 2 µm
 apart) of the aggregate stages, from the first ``--n-3d`` seeds: the best pooled AP@0.5 (ties:
@@ -270,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         ("--foregrounds-3d", [0.3, 0.4, 0.5], "nuclei_foreground_3d"),
         ("--seed-levels-3d", [0.6, 0.65, 0.7, 0.75], "nuclei_seed_3d"),
         ("--end-planes-3d", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "nuclei_end_plane_3d"),
+        (
+            "--min-sections",
+            [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0],
+            "nuclei_min_section",
+        ),
     ):
         name, _, note = what.partition(" ")
         mode = name.partition("_")[0]
@@ -309,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         flat = [c for c in cached if c.set != "synthetic 3D"]
         axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}
         best = search(flat, _grid(axes), model, base, "nuclei")
+        sections = [
+            c for c in flat if c.set == "synthetic 2D" and c.profile.cluster_kind == "aggregate"
+        ]
+        axes = {"nuclei_min_section": args.min_sections}
+        best |= search(sections, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
         stacks = [c for c in cached if c.set == "synthetic 3D"]
         axes = {
             "nuclei_foreground_3d": args.foregrounds_3d,

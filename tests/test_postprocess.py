@@ -492,3 +492,46 @@ def test_nuclei_end_plane_3d_trims_z_stacks_through_the_thresholds() -> None:
         assert np.flatnonzero(nuc.any(axis=(1, 2))).tolist() == planes
     with pytest.raises(ModelError, match="nuclei_end_plane_3d"):
         Thresholds(nuclei_end_plane_3d=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("stage", "z_stack", "section", "kept_um"),
+    [
+        ("S6", False, 0.6, (3.4, 8.0)),  # a 2D section through aggregates: floor 0.6 × 4 µm
+        ("S6", False, 1.0, (8.0,)),  # the stage's floor (4 µm)
+        ("S6", True, 0.6, (8.0,)),  # z-stacks join nuclei in 3D: the stage's floor
+        ("S1", False, 0.6, (8.0,)),  # monolayers show nuclei whole: the stage's floor (5 µm)
+    ],
+)
+def test_nucleus_floor_of_sections_through_aggregates(
+    stage: str, z_stack: bool, section: float, kept_um: tuple[float, ...]
+) -> None:
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models.inference import stage_instances
+    from islet_imaging.stages import get_stage
+
+    diameters = (2.0, 3.4, 8.0)  # µm; the stage floors are 4 µm (S6) and 5 µm (S1)
+    spacing = (0.5, 0.25, 0.25) if z_stack else (0.25, 0.25)
+    shape = (40, 80, 160) if z_stack else (80, 160)
+    centres = [((10.0,) if z_stack else ()) + (10.0, 6.0 + 12.0 * i) for i in range(3)]
+    truth = blobs(shape, centres, [d / 2 for d in diameters], spacing)
+    assert truth.max() == 3
+    th = Thresholds(nuclei_min_section=section)
+    nuc, _ = stage_instances(make_targets(truth), spacing, get_stage(stage), ModelConfig(), th)
+    found = {d for d, c in zip(diameters, centres, strict=True) if nuc[_index(c, spacing)] > 0}
+    assert found == set(kept_um)
+    assert nuc.max() == len(kept_um)
+
+
+def _index(centre: tuple[float, ...], spacing: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(round(c / s) for c, s in zip(centre, spacing, strict=True))
+
+
+def test_thresholds_of() -> None:
+    th = Thresholds(nuclei_min_section=0.5)
+    assert Thresholds.of(th) is th
+    assert Thresholds.of(None) == Thresholds()
+    assert Thresholds.of(None, th) is th
+    assert Thresholds.of({"nuclei_min_section": 0.5}) == th
+    with pytest.raises(ModelError, match="nuclei_min_section"):
+        Thresholds.of({"nuclei_min_section": 1.5})

@@ -680,9 +680,10 @@ def test_cli_parses_train_options(tmp_path: Path) -> None:
 
 # -- the shipped model ---------------------------------------------------------------------------
 #: Accuracy floors of the shipped default model on the fields below: one 256² field per built-in
-#: stage (seeds 9501-9508), measured with the shipped model: nuclei AP@0.5 0.928, clusters 0.941
-#: (16 matched, 1 missed of 17 true clusters). A floor leaves room for one more cluster error.
-DEFAULT_FLOORS = {"nuclei": 0.90, "clusters": 0.85}
+#: stage (seeds 9501-9508), measured with the shipped model: nuclei AP@0.5 0.943 (0.928 at the
+#: stage's floor in 2D sections of aggregates, ``nuclei_min_section`` 1), clusters 0.941 (16
+#: matched, 1 missed of 17 true clusters). A floor leaves room for one more cluster error.
+DEFAULT_FLOORS = {"nuclei": 0.935, "clusters": 0.85}
 
 
 @pytest.mark.skipif(

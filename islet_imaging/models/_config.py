@@ -98,6 +98,12 @@ class Thresholds:
         Neighbouring objects are merged again when the mean predicted distance along their shared
         boundary exceeds this level (the boundary is a neck inside one object, not a contact
         between two, which lies in a valley of the distance map). ``1.0`` never merges.
+    nuclei_min_section : float
+        2D images of aggregate stages: the smallest nucleus kept, as a fraction of the stage's
+        smallest nucleus diameter. Such an image is an optical section through a thick cluster,
+        and it cuts most nuclei away from their middle, so their profiles are smaller than whole
+        nuclei. ``1.0`` keeps the stage's floor. Colonies and monolayers (nuclei seen whole) and
+        z-stacks (nuclei joined in 3D) always use the stage's floor.
     """
 
     nuclei_foreground: float = 0.5
@@ -113,6 +119,7 @@ class Thresholds:
     clusters_merge: float = 0.2
     clusters_shape_h: float = 0.3
     clusters_saddle: float = 0.2
+    nuclei_min_section: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -147,6 +154,18 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
+
+    @classmethod
+    def of(
+        cls, thresholds: Thresholds | Mapping[str, Any] | None, default: Thresholds | None = None
+    ) -> Thresholds:
+        """``thresholds`` as a :class:`Thresholds`: itself, built from a dict, or, when
+        ``None``, ``default`` (itself ``None``: the defaults of this class)."""
+        if thresholds is None:
+            return default if default is not None else cls()
+        if isinstance(thresholds, Thresholds):
+            return thresholds
+        return cls.from_dict(thresholds)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str | None = None) -> Thresholds:

@@ -255,12 +255,7 @@ def save_model(
     """
     directory = Path(directory)
     config = config if config is not None else network.config
-    if thresholds is None:
-        th = config.thresholds
-    elif isinstance(thresholds, Thresholds):
-        th = thresholds
-    else:
-        th = Thresholds.from_dict(thresholds)
+    th = Thresholds.of(thresholds, config.thresholds)
     _check_state_dict(network.state_dict(), config, str(directory))
     if directory.exists() and not overwrite:
         raise ModelError(
@@ -375,7 +370,7 @@ def write_thresholds(
 ) -> Path:
     """Replace a model directory's ``thresholds.json`` (e.g. after tuning on validation data)."""
     directory = Path(directory)
-    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
+    th = Thresholds.of(thresholds)
     if not (directory / CONFIG).is_file():
         raise ModelError(f"not a model directory (no {CONFIG})", directory)
     path = directory / THRESHOLDS

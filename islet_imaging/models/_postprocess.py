@@ -786,12 +786,7 @@ def maps_to_instances(
         raise InputError(f"maps need 'nuclei_foreground'; got {sorted(maps)}")
     if cluster_split not in CLUSTER_SPLITS:
         raise InputError(f"cluster_split {cluster_split!r} is not one of {list(CLUSTER_SPLITS)}")
-    if thresholds is None:
-        th = Thresholds()
-    elif isinstance(thresholds, Thresholds):
-        th = thresholds
-    else:
-        th = Thresholds.from_dict(thresholds)
+    th = Thresholds.of(thresholds)
     shape = np.shape(maps["nuclei_foreground"])
     for key, value in maps.items():
         if np.shape(value) != shape:

@@ -833,14 +833,19 @@ def stage_instances(
     ``maps`` are 2D or 3D with ``spacing`` (µm) per axis. ``scale``: nuclei are this many times
     the model's typical size (a user-given nucleus diameter), which shifts the nucleus size
     filter and the cluster distance cap in µm with it. ``min_nucleus_factor`` lowers the
-    smallest nucleus diameter further (:data:`UNKNOWN_SCALE_MIN_NUCLEUS`).
+    smallest nucleus diameter further (:data:`UNKNOWN_SCALE_MIN_NUCLEUS`); so does
+    ``thresholds.nuclei_min_section`` in a 2D image of an aggregate stage (an optical section
+    through thick clusters, which shows most nuclei smaller than they are).
     """
+    th = Thresholds.of(thresholds)
     lo_d, hi_d = profile.nucleus_diameter_um
     lo_d *= min_nucleus_factor
+    if len(spacing) == 2 and profile.cluster_kind == "aggregate":
+        lo_d *= th.nuclei_min_section
     cap_px = config.distance_cap_px.get("clusters")
     return maps_to_instances(
         maps,
-        thresholds=thresholds,
+        thresholds=th,
         spacing=tuple(spacing),
         nucleus_diameter_um=(lo_d * scale, hi_d * scale),
         cluster_diameter_um=(profile.min_cluster_diameter_um, None),
