@@ -322,12 +322,19 @@ def main(argv: list[str] | None = None) -> int:
         axes = {"nuclei_min_section": args.min_sections}
         best |= search(sections, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
         stacks = [c for c in cached if c.set == "synthetic 3D"]
+        if not stacks:  # --n-3d 0
+            return _finish(args, base, best)
         axes = {
             "nuclei_foreground_3d": args.foregrounds_3d,
             "nuclei_seed_3d": args.seed_levels_3d,
             "nuclei_end_plane_3d": args.end_planes_3d,
         }
         best |= search(stacks, _grid(axes), model, dataclasses.replace(base, **best), "nuclei")
+    return _finish(args, base, best)
+
+
+def _finish(args: argparse.Namespace, base, best: dict[str, float]) -> int:
+    """Write the best values to the model's ``thresholds.json`` when ``--write`` is given."""
     if args.write:
         from islet_imaging.models._modeldir import write_thresholds
 
