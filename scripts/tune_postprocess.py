@@ -7,7 +7,9 @@ every candidate value.
 ``--tune clusters`` (default): ``clusters_saddle`` (the combined cluster split) over
 ``--saddles``, × ``clusters_foreground`` over ``--cluster-foregrounds`` if given, on 2D fields
 of every colony and aggregate stage (monolayer patches are not split). Best: the pooled cluster
-AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current one).
+AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current one). Then
+``clusters_absorb_size`` × ``clusters_absorb_contact`` (small pieces mostly enclosed by a large
+neighbour join it) over ``--absorb-sizes`` × ``--absorb-contacts`` on the same fields.
 
 ``--tune nuclei``: first ``nuclei_foreground`` × ``nuclei_seed`` over ``--foregrounds`` ×
 ``--seed-levels``, on two sets of 2D images: fields of all 8 stages, and the DSB 2018
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         ("--foregrounds-3d", [0.3, 0.4, 0.5], "nuclei_foreground_3d"),
         ("--seed-levels-3d", [0.6, 0.65, 0.7, 0.75], "nuclei_seed_3d"),
         ("--end-planes-3d", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "nuclei_end_plane_3d"),
+        ("--absorb-sizes", [0.0, 0.05, 0.1, 0.15, 0.2], "clusters_absorb_size"),
+        ("--absorb-contacts", [0.2, 0.3, 0.4, 0.5], "clusters_absorb_contact"),
         (
             "--min-sections",
             [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0],
@@ -312,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         fgs = args.cluster_foregrounds or [base.clusters_foreground]
         axes = {"clusters_foreground": fgs, "clusters_saddle": args.saddles}
         best = search(cached, _grid(axes), model, base, "clusters")
+        axes = {
+            "clusters_absorb_size": args.absorb_sizes,
+            "clusters_absorb_contact": args.absorb_contacts,
+        }
+        best |= search(cached, _grid(axes), model, dataclasses.replace(base, **best), "clusters")
     else:
         flat = [c for c in cached if c.set != "synthetic 3D"]
         axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}

@@ -535,3 +535,52 @@ def test_thresholds_of() -> None:
     assert Thresholds.of({"nuclei_min_section": 0.5}) == th
     with pytest.raises(ModelError, match="nuclei_min_section"):
         Thresholds.of({"nuclei_min_section": 1.5})
+
+
+def test_absorb_enclosed_pieces() -> None:
+    from islet_imaging.models._postprocess import _absorb_enclosed_pieces
+
+    ws = np.zeros((50, 60), np.int32)
+    ws[5:45, 5:45] = 1  # a large region, 1600 px
+    ws[5:11, 20:26] = 2  # a 6×6 bite at its top edge: 18 of its 24 outline faces on region 1
+    ws[20:26, 45:51] = 3  # a 6×6 square beside it: 6 of 24 faces shared
+    ws[30:45, 5:20] = 4  # a 15×15 corner of region 1 (225 px): 30 of 60 faces shared
+    out = _absorb_enclosed_pieces(ws, max_ratio=0.1, min_contact=0.4)
+    assert np.all(out[ws == 2] == 1)  # enclosed and small: joins
+    assert np.all(out[ws == 3] == 3)  # small but touching along one side only: its own object
+    assert np.all(out[ws == 4] == 4)  # enclosed enough but too large: its own object
+    assert np.all(out[ws == 1] == 1) and np.all(out[ws == 0] == 0)
+    # a larger size ratio takes the corner too; a lower contact level takes the square
+    assert np.all(_absorb_enclosed_pieces(ws, max_ratio=0.2, min_contact=0.4)[ws == 4] == 1)
+    assert np.all(_absorb_enclosed_pieces(ws, max_ratio=0.1, min_contact=0.2)[ws == 3] == 1)
+    # the outline counts the box edge: a bite at the array's edge is not "enclosed" by it
+    edge = np.zeros((40, 40), np.int32)
+    edge[:, :] = 1
+    edge[0:6, 10:16] = 2  # 18 of its 24 faces on region 1, 6 on the array's edge
+    assert np.all(_absorb_enclosed_pieces(edge, max_ratio=0.1, min_contact=0.8)[edge == 2] == 2)
+    assert np.all(_absorb_enclosed_pieces(edge, max_ratio=0.1, min_contact=0.7)[edge == 2] == 1)
+    # 3D: a small cube inside a slab's face
+    vol = np.zeros((12, 30, 30), np.int32)
+    vol[:, 2:28, 2:28] = 1
+    vol[4:8, 2:6, 10:14] = 2
+    assert np.all(_absorb_enclosed_pieces(vol, max_ratio=0.1, min_contact=0.5)[vol == 2] == 1)
+
+
+def test_combined_split_rejoins_a_piece_that_a_false_valley_cut_off() -> None:
+    from islet_imaging.models._postprocess import combined_split_instances
+
+    yy, xx = np.mgrid[:120, :200]
+    big = (yy - 60) ** 2 + (xx - 60) ** 2 < 45**2  # an aggregate, 90 px across
+    # a second, touching aggregate of similar size: a true contact
+    other = ((yy - 60) ** 2 + (xx - 140) ** 2 < 40**2) & ~big
+    truth = big.astype(np.int32) + 2 * other
+    fg = (truth > 0).astype(np.float32)
+    dist = distance_map(truth, cap=30.0)
+    # the network's false valley: a chord across the big one's rim cuts off a small cap
+    dist[21:23][big[21:23]] = 0.0
+    kw = dict(spacing=(1.0, 1.0), distance_cap_um=30.0, min_saddle_depth=0.2)
+    before = combined_split_instances(fg, dist, **kw)
+    after = combined_split_instances(fg, dist, absorb_size=0.15, absorb_contact=0.3, **kw)
+    assert before.max() == 3  # the cap is an object of its own
+    assert after.max() == 2
+    assert match(truth, after, thresholds=0.9)[0].ap == 1.0

@@ -98,6 +98,12 @@ class Thresholds:
         Neighbouring objects are merged again when the mean predicted distance along their shared
         boundary exceeds this level (the boundary is a neck inside one object, not a contact
         between two, which lies in a valley of the distance map). ``1.0`` never merges.
+    clusters_absorb_size, clusters_absorb_contact : float
+        With ``cluster_split="combined"``: a cluster at most ``clusters_absorb_size`` times the
+        size of the neighbour it shares most boundary with, and sharing at least
+        ``clusters_absorb_contact`` of its outline with it, joins that neighbour: a small piece
+        mostly enclosed by a large aggregate is a piece of it that a false valley of the predicted
+        distance cut off, not a cluster of its own. ``clusters_absorb_size`` 0 never joins.
     nuclei_min_section : float
         2D images of aggregate stages: the smallest nucleus kept, as a fraction of the stage's
         smallest nucleus diameter. Such an image is an optical section through a thick cluster,
@@ -119,6 +125,8 @@ class Thresholds:
     clusters_merge: float = 0.2
     clusters_shape_h: float = 0.3
     clusters_saddle: float = 0.2
+    clusters_absorb_size: float = 0.0
+    clusters_absorb_contact: float = 1.0
     nuclei_min_section: float = 1.0
 
     def __post_init__(self) -> None:

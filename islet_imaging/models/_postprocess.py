@@ -295,6 +295,8 @@ def combined_split_instances(
     spacing: Sequence[float] | None = None,
     distance_cap_um: float | None = None,
     min_saddle_depth: float = 0.2,
+    absorb_size: float = 0.0,
+    absorb_contact: float = 1.0,
     min_size: float = 0.0,
     max_size: float = math.inf,
 ) -> np.ndarray:
@@ -311,7 +313,10 @@ def combined_split_instances(
     ``(lower peak − saddle) / lower peak`` is below ``min_saddle_depth``: one object's bumps
     are merged, two objects joined by a neck or a predicted contact stay apart. The criterion
     is relative, so it does not depend on the objects' size or the pixel size. Regions smaller
-    than half of ``min_size`` are always merged into their neighbour.
+    than half of ``min_size`` are always merged into their neighbour. Then a region at most
+    ``absorb_size`` times the size of the neighbour it shares most boundary with, and sharing at
+    least ``absorb_contact`` of its outline with it, joins it (:func:`_absorb_enclosed_pieces`):
+    a small piece mostly enclosed by a large object is a piece of it that a false valley cut off.
 
     Parameters
     ----------
@@ -328,6 +333,8 @@ def combined_split_instances(
         size); required with ``distance``.
     min_saddle_depth : float
         Relative depth (0..1) of a saddle that separates two objects.
+    absorb_size, absorb_contact : float
+        Enclosed pieces: size ratio (0 = never) and shared fraction of the outline (0..1).
     min_size, max_size : float
         Size filter in pixels (voxels).
 
@@ -363,6 +370,8 @@ def combined_split_instances(
         ws = _merge_shallow_saddles(
             ws, depth, min_depth=min_saddle_depth, min_region=0.5 * min_size, floor=2.0 * step
         )
+        if absorb_size > 0:
+            ws = _absorb_enclosed_pieces(ws, max_ratio=absorb_size, min_contact=absorb_contact)
         return ws, mask
 
     fg = foreground > foreground_threshold
@@ -511,6 +520,69 @@ def _merge_shallow_saddles(
                 nbr[i][k] = nbr[k][i] = max(s, nbr[i].get(k, -math.inf))
         for k in nbr[i]:
             heapq.heappush(heap, (cost(i, k), min(i, k), max(i, k)))
+    for i in range(1, n + 1):  # path compression to roots
+        r = i
+        while parent[r] != r:
+            r = parent[r]
+        parent[i] = r
+    return parent[ws]
+
+
+def _absorb_enclosed_pieces(ws: np.ndarray, *, max_ratio: float, min_contact: float) -> np.ndarray:
+    """Merge each small region mostly enclosed by a much larger neighbour into it.
+
+    Smallest region first: region ``i`` joins the neighbour ``j`` it shares the most faces with
+    when ``size[i] <= max_ratio * size[j]`` and the shared faces are at least ``min_contact`` of
+    ``i``'s outline (its faces with any other label or the outside, the box edge included). A
+    merged region's size, outline and neighbours are updated before the next one is looked at.
+
+    Parameters
+    ----------
+    ws : ndarray of int
+        Regions 1..n (0 = outside).
+    max_ratio, min_contact : float
+
+    Returns
+    -------
+    ndarray of int
+        Merged regions (0 stays 0), not consecutive.
+    """
+    n = int(ws.max())
+    if n < 2:
+        return ws
+    padded = np.pad(ws, 1)  # the box edge is outside: its faces count in the outline
+    size = np.bincount(ws.reshape(-1), minlength=n + 1).astype(np.float64)
+    outline = np.zeros(n + 1)
+    shared: dict[int, dict[int, float]] = {i: {} for i in range(1, n + 1)}
+    for ax in range(padded.ndim):
+        lo = [slice(None)] * padded.ndim
+        hi = [slice(None)] * padded.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        a, b = padded[tuple(lo)], padded[tuple(hi)]
+        edge = a != b
+        a, b = a[edge].astype(np.int64), b[edge].astype(np.int64)
+        outline += np.bincount(a, minlength=n + 1) + np.bincount(b, minlength=n + 1)
+        both = (a > 0) & (b > 0)
+        key = np.minimum(a[both], b[both]) * (n + 1) + np.maximum(a[both], b[both])
+        keys, counts = np.unique(key, return_counts=True)
+        for k, c in zip(keys.tolist(), counts.tolist(), strict=True):
+            i, j = divmod(k, n + 1)
+            shared[i][j] = shared[i].get(j, 0.0) + c
+            shared[j][i] = shared[j].get(i, 0.0) + c
+    parent = np.arange(n + 1)
+    for i in sorted(range(1, n + 1), key=lambda r: size[r]):
+        if not shared[i]:
+            continue
+        j = max(shared[i], key=lambda r: (shared[i][r], -r))
+        if size[i] > max_ratio * size[j] or shared[i][j] < min_contact * outline[i]:
+            continue
+        parent[i] = j  # i joins j
+        size[j] += size[i]
+        outline[j] += outline[i] - 2.0 * shared[i][j]
+        for k, c in shared.pop(i).items():
+            del shared[k][i]
+            if k != j:
+                shared[j][k] = shared[k][j] = shared[j].get(k, 0.0) + c
     for i in range(1, n + 1):  # path compression to roots
         r = i
         while parent[r] != r:
@@ -819,6 +891,8 @@ def maps_to_instances(
                 spacing=spacing,
                 distance_cap_um=cluster_distance_cap_um,
                 min_saddle_depth=th.clusters_saddle,
+                absorb_size=th.clusters_absorb_size,
+                absorb_contact=th.clusters_absorb_contact,
                 min_size=lo,
                 max_size=hi,
             )
