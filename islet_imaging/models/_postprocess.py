@@ -520,7 +520,12 @@ def _merge_shallow_saddles(
                 nbr[i][k] = nbr[k][i] = max(s, nbr[i].get(k, -math.inf))
         for k in nbr[i]:
             heapq.heappush(heap, (cost(i, k), min(i, k), max(i, k)))
-    for i in range(1, n + 1):  # path compression to roots
+    return _to_roots(parent, ws)
+
+
+def _to_roots(parent: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """``ws`` with every region replaced by the root of its merge tree (``parent[r] == r``)."""
+    for i in range(1, parent.size):
         r = i
         while parent[r] != r:
             r = parent[r]
@@ -583,12 +588,7 @@ def _absorb_enclosed_pieces(ws: np.ndarray, *, max_ratio: float, min_contact: fl
             del shared[k][i]
             if k != j:
                 shared[j][k] = shared[k][j] = shared[j].get(k, 0.0) + c
-    for i in range(1, n + 1):  # path compression to roots
-        r = i
-        while parent[r] != r:
-            r = parent[r]
-        parent[i] = r
-    return parent[ws]
+    return _to_roots(parent, ws)
 
 
 _CHUNK = 1 << 22
