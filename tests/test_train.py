@@ -778,11 +778,22 @@ def test_fine_tuning_starts_from_the_init_model(tmp_path: Path) -> None:
 
     root = _write_dataset(tmp_path / "ds", n=1)
     base = main(_config(tmp_path, root, epochs=1, tune=False), progress=False)
+    # thresholds tuned for the init model after training (scripts/tune_postprocess.py)
+    from islet_imaging.models._config import Thresholds
+    from islet_imaging.models._modeldir import write_thresholds
+
+    tuned = {
+        "nuclei_min_section": 0.5,
+        "clusters_absorb_size": 0.05,
+        "clusters_absorb_contact": 0.4,
+    }
+    write_thresholds(base, Thresholds(**tuned))
     cfg = TrainConfig(
         data=(str(root),), out=str(tmp_path / "ft"), init=str(base), steps_per_epoch=1
     )
     mc, weights = build_model_config(cfg)
     assert mc.base_channels == 4 and mc.depth == 2  # the init model's architecture
+    assert {k: getattr(mc.thresholds, k) for k in tuned} == tuned
     state = init_state(cfg, mc, weights).model.state_dict()
     reference = load_model(base, device="cpu").network.state_dict()
     for k, v in reference.items():
@@ -802,6 +813,8 @@ def test_fine_tuning_starts_from_the_init_model(tmp_path: Path) -> None:
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 = the init model on validation
     assert rows[0]["val_nuclei_ap50"] != "" and rows[0]["loss"] == ""
     assert load_model(ft, device="cpu").config.name == "lab_model"
+    inherited = load_model(ft, device="cpu").thresholds
+    assert {k: getattr(inherited, k) for k in tuned} == tuned
     with pytest.raises(InputError, match="--out is the --init model itself"):
         main(TrainConfig(data=(str(root),), out=str(base), init=str(base)), progress=False)
 
