@@ -189,6 +189,59 @@ def test_coarse_image_warns_and_is_segmented(oracle: Model, pixel_size: float, w
     assert labels.nuclei.shape == fld.spatial_shape
 
 
+@pytest.mark.parametrize(
+    ("pixel_size", "max_upscale", "cluster_factor"),
+    [
+        (0.95, MAX_UPSCALE, MAX_UPSCALE),  # ×1.9: the clusters' maps at ×1.8, a second pass
+        (0.95, None, None),  # no cap: one pass
+        (0.85, MAX_UPSCALE, None),  # ×1.7, under the cap: one pass
+        (None, MAX_UPSCALE, None),  # no pixel size: the scale comes from the nuclei, never capped
+    ],
+)
+def test_coarse_clusters_are_seen_at_most_max_upscale(
+    oracle: Model,
+    monkeypatch: pytest.MonkeyPatch,
+    pixel_size: float | None,
+    max_upscale: float | None,
+    cluster_factor: float | None,
+) -> None:
+    """Nuclei's maps at the full enlargement; clusters' maps from a pass capped at max_upscale,
+    their distance cap scaled by the ratio; labels on the field's grid."""
+    from islet_imaging.models import inference
+
+    fld, truth = field_2d(pixel_size, px_for_shape=pixel_size or 0.95)
+    diameter = None if pixel_size is not None else 10.0 / 0.95  # px: the same ×1.9
+    passes: list[float] = []
+    real_maps_at = inference._maps_at
+
+    def spy_maps_at(field, profile, model, factor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append(factor)
+        return real_maps_at(field, profile, model, factor, *args, **kwargs)
+
+    scales: list[float] = []
+    real_stage_instances = inference.stage_instances
+
+    def spy_stage_instances(*args, **kwargs):  # type: ignore[no-untyped-def]
+        scales.append(kwargs["map_scale"])
+        return real_stage_instances(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "_maps_at", spy_maps_at)
+    monkeypatch.setattr(inference, "stage_instances", spy_stage_instances)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = segment_cnn(
+            fld, S0, model=oracle, max_upscale=max_upscale, nucleus_diameter_um=diameter
+        )
+    assert passes[0] == pytest.approx(1.9 if pixel_size != 0.85 else 1.7)
+    if cluster_factor is None:
+        assert len(passes) == 1 and scales == [1.0]
+    else:
+        assert passes[1:] == [pytest.approx(cluster_factor)]
+        assert scales == [pytest.approx(1.9 / cluster_factor)]
+    assert labels.nuclei.shape == labels.clusters.shape == fld.spatial_shape
+    assert match(truth, labels.nuclei, thresholds=0.5)[0].ap == 1.0
+
+
 # -- segmentation and scale ---------------------------------------------------------------------
 def test_oracle_segments_exactly(oracle: Model) -> None:
     fld, truth = field_2d(0.5)

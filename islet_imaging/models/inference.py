@@ -87,6 +87,7 @@ __all__ = [
     "estimate_nucleus_diameter_px",
     "field_instances",
     "input_limits",
+    "network_factor",
     "normalise_channel",
     "predict_field_maps",
     "predict_maps",
@@ -110,10 +111,14 @@ MIN_SIZE_PX = 16
 #: 256 px.
 MIN_CONTEXT_PX = 128
 #: Above this resize factor to the model's scale (image pixels this many times the model's)
-#: inference warns (:class:`CoarseImageWarning`): the default model, trained at 0.5-0.85 µm/px,
-#: splits large aggregates into fragments. Held-out synthetic fields, S6 clusters AP@0.5 0.897
-#: at 1.0 µm/px (×1.54), 0.686 at 1.3 (×2.0), 0.569 at 1.6 (×2.46); nuclei 0.948-0.953
-#: throughout (benchmarks/README.md, "Other sets").
+#: inference warns (:class:`CoarseImageWarning`), and the clusters' maps come from a second pass
+#: enlarged only this much (:func:`network_factor`): the default model, trained at 0.5-0.85
+#: µm/px, splits large aggregates of an image enlarged more into fragments. Held-out synthetic
+#: fields, S6 clusters AP@0.5 0.912 at 1.0 µm/px (×1.54); 0.706 / 0.578 at 1.3 / 1.6 (×2.0 /
+#: ×2.46) enlarged fully, 0.740 / 0.752 with the clusters' pass at ×1.8; nuclei 0.95-0.97
+#: throughout (benchmarks/README.md, "Other sets"). Chosen on coarse tuning fields (1.2-1.8
+#: µm/px, seeds 1100-1107, all stages): pooled clusters AP@0.5 0.833 enlarged fully, 0.878 /
+#: 0.886 / 0.850 with the clusters' pass at ×2.0 / ×1.8 / ×1.6.
 MAX_UPSCALE = 1.8
 _CHUNK_PX = 1 << 22  # pixels per block in block-wise steps
 #: Accepted range of the resize factor to the model's scale (outside: a wrong pixel size).
@@ -394,6 +399,24 @@ def rescale_factor(
             field.origin.path,
         )
     return factor, px
+
+
+def network_factor(field: Field, factor: float, max_upscale: float | None = MAX_UPSCALE) -> float:
+    """The resize factor of the clusters' maps: ``factor``, but at most ``max_upscale`` for a
+    field with a pixel size.
+
+    Beyond :data:`MAX_UPSCALE` a coarse image is enlarged into blur the model was not trained on,
+    and large aggregates break into fragments along false valleys of the predicted distance;
+    seen less enlarged (nuclei smaller than the model's typical size), they stay whole. Nuclei
+    need the full enlargement, so such a field goes through the network twice: at ``factor``
+    for the nuclei's maps, at the capped factor for the clusters' (:func:`_field_maps`). The
+    clusters' distances are then in larger pixels (:func:`field_instances` scales their cap by
+    ``factor / network_factor``). Fields without a pixel size take their scale from their
+    nuclei: never capped. ``None``: never capped.
+    """
+    if max_upscale is None or field.pixel_size is None:
+        return factor
+    return min(factor, max_upscale)
 
 
 def _nuclear_index_or_first(field: Field) -> int:
@@ -681,6 +704,7 @@ def predict_field_maps(
     compile: bool = False,
     augment: bool = False,
     dtype: type[np.floating] | np.dtype = np.float32,
+    max_upscale: float | None = MAX_UPSCALE,
 ) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
     """The network's maps of a field on the field's own (Z, Y, X) grid.
 
@@ -704,6 +728,7 @@ def predict_field_maps(
         mdl,
         factor,
         px,
+        cluster_factor=network_factor(field, factor, max_upscale),
         tile=tile,
         overlap=overlap,
         batch_size=batch_size,
@@ -721,9 +746,10 @@ def _warn_about_scale(field: Field, factor: float, config: ModelConfig) -> None:
         warnings.warn(
             f"{field.origin.path or field.name}: {factor * config.pixel_size_um:.3g} µm per pixel "
             f"(effective), {factor:.2g}× the model's {config.pixel_size_um:g} µm: with the default "
-            "model (trained at 0.5-0.85 µm/px) nuclei hold up, but large aggregates tend to be "
-            "split into fragments (held-out S6 clusters AP@0.5 0.90 at 1.0 µm/px, 0.69 at 1.3, "
-            "0.57 at 1.6). Image at 1 µm/px or finer for cluster sizes and IEQ",
+            "model (trained at 0.5-0.85 µm/px) nuclei hold up; clusters are found on the image "
+            f"enlarged at most {MAX_UPSCALE:g}× (a second pass), but large aggregates may still "
+            "be split into fragments (held-out S6 clusters AP@0.5 0.91 at 1.0 µm/px, 0.74 at "
+            "1.3, 0.75 at 1.6). Image at 1 µm/px or finer for cluster sizes and IEQ",
             CoarseImageWarning,
             stacklevel=3,
         )
@@ -753,8 +779,47 @@ def _field_maps(
     compile: bool,
     augment: bool,
     dtype: type[np.floating] | np.dtype,
+    cluster_factor: float | None = None,
 ) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
-    """:func:`predict_field_maps` once the scale (``factor``, effective µm per pixel) is known."""
+    """:func:`predict_field_maps` once the scale (``factor``, effective µm per pixel) is known.
+
+    ``cluster_factor`` (:func:`network_factor`), when not ``factor``: the clusters' maps come
+    from a second pass at that scale.
+    """
+    opts = dict(
+        limits=limits,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        compile=compile,
+        augment=augment,
+        dtype=dtype,
+    )
+    maps, spacing = _maps_at(field, profile, model, factor, pixel_size_um, **opts)
+    if cluster_factor is not None and not math.isclose(cluster_factor, factor):
+        second, _ = _maps_at(field, profile, model, cluster_factor, pixel_size_um, **opts)
+        for name in [n for n in maps if n.startswith("clusters_")]:
+            maps[name] = second.pop(name)
+        del second
+    return maps, spacing
+
+
+def _maps_at(
+    field: Field,
+    profile: StageProfile,
+    model: Model,
+    factor: float,
+    pixel_size_um: float,
+    *,
+    limits: InputLimits | None,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    compile: bool,
+    augment: bool,
+    dtype: type[np.floating] | np.dtype,
+) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
+    """The network's maps of ``field`` resized by ``factor``, back on the field's grid."""
     cfg = model.config
     z, h, w = field.spatial_shape
     mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
@@ -827,6 +892,7 @@ def stage_instances(
     *,
     scale: float = 1.0,
     min_nucleus_factor: float = 1.0,
+    map_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`maps_to_instances` with the stage's size filters and cluster split.
 
@@ -835,7 +901,9 @@ def stage_instances(
     filter and the cluster distance cap in µm with it. ``min_nucleus_factor`` lowers the
     smallest nucleus diameter further (:data:`UNKNOWN_SCALE_MIN_NUCLEUS`); so does
     ``thresholds.nuclei_min_section`` in a 2D image of an aggregate stage (an optical section
-    through thick clusters, which shows most nuclei smaller than they are).
+    through thick clusters, which shows most nuclei smaller than they are). ``map_scale``: the
+    maps were predicted in pixels this many times the model's (:func:`network_factor`), which
+    scales the cluster distance cap in µm.
     """
     th = Thresholds.of(thresholds)
     lo_d, hi_d = profile.nucleus_diameter_um
@@ -850,7 +918,9 @@ def stage_instances(
         nucleus_diameter_um=(lo_d * scale, hi_d * scale),
         cluster_diameter_um=(profile.min_cluster_diameter_um, None),
         cluster_split=cluster_split_for(profile, config),
-        cluster_distance_cap_um=None if cap_px is None else cap_px * config.pixel_size_um * scale,
+        cluster_distance_cap_um=(
+            None if cap_px is None else cap_px * config.pixel_size_um * scale * map_scale
+        ),
     )
 
 
@@ -863,21 +933,27 @@ def field_instances(
     *,
     thresholds: Thresholds | Mapping[str, float] | None = None,
     nucleus_diameter_um: float | None = None,
+    max_upscale: float | None = MAX_UPSCALE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus and cluster instances, ``(Z, Y, X)`` int32, from :func:`predict_field_maps` output.
 
     The post-processing half of :func:`segment_cnn`, separate so that it can be re-run on cached
-    maps (e.g. to tune thresholds).
+    maps (e.g. to tune thresholds). ``nucleus_diameter_um`` and ``max_upscale`` must be those
+    the maps were predicted with.
     """
     cfg = model.config
-    scale = 1.0
-    if nucleus_diameter_um is not None and field.pixel_size is not None:
-        # the user says nuclei here are this big: shift the plausible range with them
-        scale = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
+    scale = map_scale = 1.0
+    if field.pixel_size is not None:
+        if nucleus_diameter_um is not None:
+            # the user says nuclei here are this big: shift the plausible range with them
+            scale = nucleus_diameter_um / cfg.typical_nucleus_diameter_um
+        factor, _ = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
+        map_scale = factor / network_factor(field, factor, max_upscale)
     th = model.thresholds if thresholds is None else thresholds
     opts = {
         "scale": scale,
         "min_nucleus_factor": 1.0 if field.pixel_size is not None else UNKNOWN_SCALE_MIN_NUCLEUS,
+        "map_scale": map_scale,
     }
     if field.is_3d:
         return stage_instances(maps, spacing, profile, cfg, th, **opts)
@@ -902,6 +978,7 @@ def segment_cnn(
     augment: bool = False,
     block: int | None = BLOCK_PX,
     block_halo_um: float = BLOCK_HALO_UM,
+    max_upscale: float | None = MAX_UPSCALE,
 ) -> Labels:
     """Segment one field with a CNN model into nucleus and cluster instances.
 
@@ -938,6 +1015,9 @@ def segment_cnn(
         ``None``: always whole.
     block_halo_um : float
         Context around each block, in µm (default :data:`BLOCK_HALO_UM`).
+    max_upscale : float or None
+        A field with a pixel size is enlarged at most this much for the network
+        (:func:`network_factor`); ``None``: always to the model's pixel size.
 
     Returns
     -------
@@ -980,6 +1060,7 @@ def segment_cnn(
     _warn_about_scale(field, factor, cfg)
     _, h, w = field.spatial_shape
     halo = math.ceil(block_halo_um / px)
+    net = network_factor(field, factor, max_upscale)
     # at the model's scale, windows start on the network's pooling grid, as the whole field does
     align = cfg.size_multiple if math.isclose(factor, 1.0) else 1
     blocks = plan_blocks((h, w), max(h, w) if block is None else block, halo, align=align)
@@ -993,6 +1074,7 @@ def segment_cnn(
             mdl,
             factor,
             px,
+            cluster_factor=net,
             limits=limits,
             tile=tile,
             overlap=overlap,
@@ -1018,6 +1100,7 @@ def segment_cnn(
             mdl,
             thresholds=thresholds,
             nucleus_diameter_um=nucleus_diameter_um,
+            max_upscale=max_upscale,
         )
 
     if len(blocks) == 1:
