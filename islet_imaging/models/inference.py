@@ -1016,8 +1016,9 @@ def segment_cnn(
     block_halo_um : float
         Context around each block, in µm (default :data:`BLOCK_HALO_UM`).
     max_upscale : float or None
-        A field with a pixel size is enlarged at most this much for the network
-        (:func:`network_factor`); ``None``: always to the model's pixel size.
+        The clusters' maps of a field with a pixel size come from the image enlarged at most
+        this much (a second pass when the model's scale needs more; :func:`network_factor`);
+        ``None``: one pass, always at the model's pixel size.
 
     Returns
     -------
