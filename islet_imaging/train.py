@@ -1014,6 +1014,8 @@ def evaluate(
 #: tried at the best seed level (a coordinate search: 7 post-processings per class).
 TUNE_SEEDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNE_FOREGROUNDS: tuple[float, ...] = (0.35, 0.5, 0.65)
+#: Candidates of ``nuclei_min_section`` (the nucleus floor of 2D sections through aggregates).
+TUNE_SECTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 
 
 def tune_thresholds(
@@ -1028,8 +1030,10 @@ def tune_thresholds(
 
     A coordinate search maximising the class's mean AP over IoU 0.5–0.9: the seed level over
     :data:`TUNE_SEEDS` at the current foreground level, then the foreground level over
-    :data:`TUNE_FOREGROUNDS` at the best seed level. The search uses up to ``max_images``
-    images spread over the set; the returned metrics are on the whole set.
+    :data:`TUNE_FOREGROUNDS` at the best seed level; then, on the images of aggregate stages
+    (2D sections through aggregates), ``nuclei_min_section`` over :data:`TUNE_SECTIONS`. The
+    search uses up to ``max_images`` images spread over the set; the returned metrics are on the
+    whole set.
 
     Returns
     -------
@@ -1057,6 +1061,8 @@ def tune_thresholds(
             value,
             len(subset),
         )
+        if cls_name == "nuclei":
+            best = _tune_section(model, subset, nuclei_only, best, model_config)
     assert isinstance(best, Thresholds)
     return best, evaluate(
         model, dataset, model_config=model_config, thresholds=best, predictions=preds
@@ -1094,6 +1100,48 @@ def _tune_class(
     seed = max(TUNE_SEEDS, key=lambda s: score(fg0, s))
     fg = max((*TUNE_FOREGROUNDS, fg0), key=lambda f: score(f, seed))
     return thresholds(fg, seed), tried[(fg, seed)]
+
+
+def _tune_section(
+    model: Any,
+    subset: TrainingSet,
+    maps: Sequence[dict[str, np.ndarray]],
+    start: Thresholds,
+    model_config: ModelConfig,
+) -> Thresholds:
+    """``nuclei_min_section`` over :data:`TUNE_SECTIONS` on the images of aggregate stages with
+    nuclei (none: ``start`` unchanged); ties keep the current value, then the higher floor."""
+    from islet_imaging.stages import get_stage
+
+    keep = [
+        i
+        for i, it in enumerate(subset.images)
+        if it.nuclei is not None and get_stage(it.stage or "S4").cluster_kind == "aggregate"
+    ]
+    if not keep:
+        return start
+    sections = TrainingSet(tuple(subset.images[i] for i in keep), subset.weights[keep])
+    current = start.nuclei_min_section
+
+    def score(value: float) -> tuple[float, bool, float]:
+        th = dataclasses.replace(start, nuclei_min_section=value)
+        ap = evaluate(
+            model,
+            sections,
+            model_config=model_config,
+            thresholds=th,
+            predictions=[maps[i] for i in keep],
+        )["nuclei_map"]
+        return round(ap, 4), value == current, value
+
+    best = max({*TUNE_SECTIONS, current}, key=score)
+    log.info(
+        "tuned nuclei_min_section: %g (mean AP %.3f on %d images of aggregate stages)",
+        best,
+        score(best)[0],
+        len(keep),
+    )
+    return dataclasses.replace(start, nuclei_min_section=best)
 
 
 def _spread_indices(n: int, k: int) -> np.ndarray:

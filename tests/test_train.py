@@ -906,3 +906,27 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no CUDA device"):
         training_device(TrainConfig(data=("x",), device="cuda"))
     assert training_device(TrainConfig(data=("x",))) == "cpu"
+
+
+@pytest.mark.parametrize(("stage", "expected"), [("S6", 0.7), ("S1", 1.0)])
+def test_tuning_chooses_the_section_floor_on_aggregate_stages(stage: str, expected: float) -> None:
+    """Perfect maps of nuclei of 3 and 8 µm: in 2D sections of an aggregate stage (S6, floor
+    4 µm) the tuned floor keeps the 3 µm profiles (the highest candidate that does: 0.7 × 4 µm);
+    a monolayer stage has none to tune, so the value stays."""
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models._dataset import TrainingImage
+    from islet_imaging.models._targets import make_targets
+    from islet_imaging.train import TrainingSet, _tune_section
+
+    mc = ModelConfig()
+    px = mc.pixel_size_um
+    yy, xx = np.mgrid[:96, :160]
+    nuclei = np.zeros((96, 160), np.int32)
+    for i, (cy, cx, d_um) in enumerate([(24, 20, 3.0), (24, 60, 3.0), (60, 100, 8.0)], start=1):
+        nuclei[(yy - cy) ** 2 + (xx - cx) ** 2 <= (0.5 * d_um / px) ** 2] = i
+    item = TrainingImage("x/a", np.zeros((2, 96, 160), np.float32), nuclei, None, stage=stage)
+    subset = TrainingSet((item,), np.ones(1))
+    maps = [{k: v for k, v in make_targets(nuclei).items() if k.startswith("nuclei_")}]
+    tuned = _tune_section(None, subset, maps, mc.thresholds, mc)
+    assert tuned.nuclei_min_section == expected
+    assert tuned.nuclei_seed == mc.thresholds.nuclei_seed  # nothing else moves
