@@ -214,9 +214,9 @@ def test_coarse_clusters_are_seen_at_most_max_upscale(
     passes: list[float] = []
     real_maps_at = inference._maps_at
 
-    def spy_maps_at(field, profile, model, factor, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy_maps_at(inputs, model, factor, **kwargs):  # type: ignore[no-untyped-def]
         passes.append(factor)
-        return real_maps_at(field, profile, model, factor, *args, **kwargs)
+        return real_maps_at(inputs, model, factor, **kwargs)
 
     scales: list[float] = []
     real_stage_instances = inference.stage_instances

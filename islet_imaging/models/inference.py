@@ -784,54 +784,52 @@ def _field_maps(
     """:func:`predict_field_maps` once the scale (``factor``, effective µm per pixel) is known.
 
     ``cluster_factor`` (:func:`network_factor`), when not ``factor``: the clusters' maps come
-    from a second pass at that scale.
+    from a second pass at that scale, on the same normalised input.
     """
-    opts = dict(
+    if field.pixel_size is not None:
+        spacing = field.pixel_size.zyx
+    else:
+        spacing = (pixel_size_um,) * 3
+    inputs = prepare_input(
+        field,
+        profile,
+        model.config,
+        dtype=np.float16 if dtype == np.float16 else np.float32,
         limits=limits,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        compile=compile,
-        augment=augment,
-        dtype=dtype,
     )
-    maps, spacing = _maps_at(field, profile, model, factor, pixel_size_um, **opts)
+    opts = dict(tile=tile, overlap=overlap, batch_size=batch_size, compile=compile, augment=augment)
+    maps = _maps_at(inputs, model, factor, name=field.name, dtype=dtype, **opts)
     if cluster_factor is not None and not math.isclose(cluster_factor, factor):
-        second, _ = _maps_at(field, profile, model, cluster_factor, pixel_size_um, **opts)
-        for name in [n for n in maps if n.startswith("clusters_")]:
-            maps[name] = second.pop(name)
-        del second
+        clusters = [n for n in maps if n.startswith("clusters_")]
+        maps.update(
+            _maps_at(
+                inputs, model, cluster_factor, name=field.name, dtype=dtype, keep=clusters, **opts
+            )
+        )
+    del inputs
     return maps, spacing
 
 
 def _maps_at(
-    field: Field,
-    profile: StageProfile,
+    inputs: np.ndarray,
     model: Model,
     factor: float,
-    pixel_size_um: float,
     *,
-    limits: InputLimits | None,
+    name: str,
     tile: int,
     overlap: int,
     batch_size: int,
     compile: bool,
     augment: bool,
     dtype: type[np.floating] | np.dtype,
-) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
-    """The network's maps of ``field`` resized by ``factor``, back on the field's grid."""
-    cfg = model.config
-    z, h, w = field.spatial_shape
+    keep: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """The network's maps of the normalised ``(C, Z, Y, X)`` input resized by ``factor``, back
+    on the input's grid; only those named in ``keep`` (default all)."""
+    _, z, h, w = inputs.shape
     mh, mw = max(1, round(h * factor)), max(1, round(w * factor))
-    if field.pixel_size is not None:
-        sz, sy, sx = field.pixel_size.zyx
-    else:
-        sz = sy = sx = pixel_size_um
     log.debug(
-        "%s: scale ×%.3f to %d×%d px at %.3f µm", field.name, factor, mh, mw, cfg.pixel_size_um
-    )
-    inputs = prepare_input(
-        field, profile, cfg, dtype=np.float16 if dtype == np.float16 else np.float32, limits=limits
+        "%s: scale ×%.3f to %d×%d px at %.3f µm", name, factor, mh, mw, model.config.pixel_size_um
     )
     same = (mh, mw) == (h, w)
     maps: dict[str, np.ndarray] = {}
@@ -848,6 +846,7 @@ def _maps_at(
             dtype=dtype,
         )
         del x
+        plane = {n: v for n, v in plane.items() if keep is None or n in keep}
         if not same:
             plane = {
                 n: resize_image(plane.pop(n), (h, w)).astype(dtype, copy=False) for n in list(plane)
@@ -860,8 +859,7 @@ def _maps_at(
                     maps[n] = np.empty((z, h, w), dtype)
                 maps[n][k] = v
         del plane
-    del inputs
-    return maps, (sz, sy, sx)
+    return maps
 
 
 def cluster_split_for(profile: StageProfile, config: ModelConfig) -> str:
