@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from islet_imaging.models._config import ModelConfig, Thresholds
     from islet_imaging.models._dataset import AugmentConfig, DatasetEntry, TrainingImage
+    from islet_imaging.stages import StageProfile
 
 __all__ = [
     "HELP",
@@ -530,7 +531,6 @@ def prepare_training_images(
         resize_image,
         resize_labels,
     )
-    from islet_imaging.stages import get_stage
 
     fld = loaded.field
     if fld.pixel_size is None:
@@ -539,7 +539,7 @@ def prepare_training_images(
             "or write it into the image file",
             loaded.entry.image,
         )
-    profile = get_stage(loaded.stage or "S4")
+    profile = _stage_profile(loaded.stage)
     inp = prepare_input(fld, profile, model_config)  # (C, Z, Y, X) float32, native resolution
     factor, _ = rescale_factor(fld, model_config)
     z, h, w = fld.spatial_shape
@@ -953,11 +953,18 @@ def instances_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus and cluster instances of one model-scale image, with its stage's size filters."""
     from islet_imaging.models.inference import stage_instances
-    from islet_imaging.stages import get_stage
 
     px = model_config.pixel_size_um  # as segment_cnn post-processes, at the model scale
-    profile = get_stage(item.stage or "S4")
+    profile = _stage_profile(item.stage)
     return stage_instances(maps, (px, px), profile, model_config, thresholds)
+
+
+def _stage_profile(stage: str | None) -> StageProfile:
+    """The stage profile of a training image; one that names no stage is taken as S4, the
+    default of ``--stage``."""
+    from islet_imaging.stages import get_stage
+
+    return get_stage(stage or "S4")
 
 
 def evaluate(
@@ -1111,12 +1118,10 @@ def _tune_section(
 ) -> Thresholds:
     """``nuclei_min_section`` over :data:`TUNE_SECTIONS` on the images of aggregate stages with
     nuclei (none: ``start`` unchanged); ties keep the current value, then the higher floor."""
-    from islet_imaging.stages import get_stage
-
     keep = [
         i
         for i, it in enumerate(subset.images)
-        if it.nuclei is not None and get_stage(it.stage or "S4").cluster_kind == "aggregate"
+        if it.nuclei is not None and _stage_profile(it.stage).cluster_kind == "aggregate"
     ]
     if not keep:
         return start
@@ -1134,11 +1139,12 @@ def _tune_section(
         )["nuclei_map"]
         return round(ap, 4), value == current, value
 
-    best = max({*TUNE_SECTIONS, current}, key=score)
+    scores = {value: score(value) for value in {*TUNE_SECTIONS, current}}
+    best = max(scores, key=scores.__getitem__)
     log.info(
         "tuned nuclei_min_section: %g (mean AP %.3f on %d images of aggregate stages)",
         best,
-        score(best)[0],
+        scores[best][0],
         len(keep),
     )
     return dataclasses.replace(start, nuclei_min_section=best)
