@@ -73,21 +73,17 @@ def main(argv: list[str] | None = None) -> int:
                     found[key]["clusters"].append(
                         match(s.clusters, labels.clusters, thresholds=0.5)[0]
                     )
-
-        def ap(key: str, cls_name: str, found: dict = found) -> str:
-            m = found[key][cls_name]
-            return f"{pool_matchings(m).ap:.3f}" if m else "–"
-
+        ap = {
+            key: {c: f"{pool_matchings(m).ap:.3f}" if m else "–" for c, m in kinds.items()}
+            for key, kinds in found.items()
+        }
         cells = [
-            f"{ap(k, 'nuclei')} / {ap(k, 'clusters')}" if found[k]["clusters"] else ap(k, "nuclei")
+            f"{ap[k]['nuclei']} / {ap[k]['clusters']}" if found[k]["clusters"] else ap[k]["nuclei"]
             for k in stages
         ]
         name = "none" if cap is None else f"{cap:g}"
-        print(
-            f"| {name} | " + " | ".join(cells) + f" | {ap('all', 'nuclei')} | "
-            f"{ap('all', 'clusters')} |",
-            flush=True,
-        )
+        row = [name, *cells, ap["all"]["nuclei"], ap["all"]["clusters"]]
+        print("| " + " | ".join(row) + " |", flush=True)
     return 0
 
 
