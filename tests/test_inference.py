@@ -242,6 +242,13 @@ def test_coarse_clusters_are_seen_at_most_max_upscale(
     assert match(truth, labels.nuclei, thresholds=0.5)[0].ap == 1.0
 
 
+@pytest.mark.parametrize("bad", [0.0, 0.5, -1.0, float("nan")])
+def test_bad_max_upscale_is_refused(oracle: Model, bad: float) -> None:
+    fld, _ = field_2d(0.95, px_for_shape=0.95)
+    with pytest.raises(InputError, match=r"max_upscale .* at least 1"):
+        segment_cnn(fld, S0, model=oracle, max_upscale=bad)
+
+
 # -- segmentation and scale ---------------------------------------------------------------------
 def test_oracle_segments_exactly(oracle: Model) -> None:
     fld, truth = field_2d(0.5)

@@ -414,9 +414,18 @@ def network_factor(field: Field, factor: float, max_upscale: float | None = MAX_
     ``factor / network_factor``). Fields without a pixel size take their scale from their
     nuclei: never capped. ``None``: never capped.
     """
+    _check_max_upscale(max_upscale, field)
     if max_upscale is None or field.pixel_size is None:
         return factor
     return min(factor, max_upscale)
+
+
+def _check_max_upscale(max_upscale: float | None, field: Field) -> None:
+    if max_upscale is not None and not (math.isfinite(max_upscale) and max_upscale >= 1):
+        raise InputError(
+            f"max_upscale {max_upscale!r} must be a number of at least 1 (or None: no cap)",
+            field.origin.path,
+        )
 
 
 def _nuclear_index_or_first(field: Field) -> int:
@@ -720,6 +729,7 @@ def predict_field_maps(
     mdl = load_model(model, device=device)
     cfg = mdl.config
     _check_field(field)
+    _check_max_upscale(max_upscale, field)
     factor, px = rescale_factor(field, cfg, nucleus_diameter_um=nucleus_diameter_um)
     _warn_about_scale(field, factor, cfg)
     return _field_maps(
@@ -1038,6 +1048,7 @@ def segment_cnn(
         raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
     if not block_halo_um >= 0:
         raise InputError(f"block halo {block_halo_um} µm must be zero or more")
+    _check_max_upscale(max_upscale, field)
     method = mdl.name + AUGMENTED_SUFFIX if augment else mdl.name
     limits = input_limits(field, profile, cfg)  # of the whole field, for every block
     lo, hi = limits.channels[limits.nuclear]
