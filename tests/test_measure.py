@@ -442,3 +442,76 @@ def test_expand_labels_in_strips_equals_skimage(
     monkeypatch.setattr(_cells, "_STRIP_ROWS", 8)
     got = _cells.expand_labels(labels, distance=distance, spacing=spacing)
     np.testing.assert_array_equal(got, skimage_expand(labels, distance=distance, spacing=spacing))
+
+
+# -- block-wise measurement (large fields) --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("stage", "z", "dtype"), [("S6", 1, np.uint16), ("S0", 1, np.float32), ("S5", 4, np.uint16)]
+)
+def test_cells_measured_in_blocks_equal_whole_field(stage: str, z: int, dtype: type) -> None:
+    """Blocks of 48 px, crossed by nuclei, cytoplasm, clusters and background rings, give the
+    table of the field measured whole (up to float rounding of the centroids)."""
+    from islet_imaging.stages import get_stage
+    from islet_imaging.synth import generate_field
+
+    s = generate_field(stage, seed=5, size=200, z=z, pixel_size_um=1.0)
+    images = {n: s.field.data[i].astype(dtype) for i, n in enumerate(s.field.channel_names)}
+    compartments = {m.name: m.compartment for m in get_stage(stage).markers}
+    kwargs = {"spacing": (2.0, 1.0, 1.0), "compartments": compartments, "cytoplasm_um": 4.0}
+    whole = measure_cells(s.nuclei, s.clusters, images, block=None, **kwargs)
+    blocks = measure_cells(s.nuclei, s.clusters, images, block=48, **kwargs)
+    assert len(whole) > 50 and int(s.clusters.max()) >= 2
+    backgrounds = whole.filter(like="background_").to_numpy()
+    assert np.unique(backgrounds[:, -1]).size >= 2  # ring backgrounds differ between clusters
+    pd.testing.assert_frame_equal(blocks, whole, check_exact=False, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("background", ["ring", "global"])
+def test_blocks_of_a_field_covered_by_one_cluster(background: str) -> None:
+    """Fewer than 50 background voxels: the fallback percentile of the whole image, block-wise too."""
+    rng = np.random.default_rng(4)
+    clu = np.ones((1, 120, 130), np.int32)
+    nuc = np.zeros_like(clu)
+    for i, (cy, cx) in enumerate(rng.integers(8, 112, (30, 2)), start=1):
+        nuc[0][disc((120, 130), (cy, cx), 5)] = i
+    img = rng.integers(0, 4000, clu.shape).astype(np.uint16)
+    kwargs = {"spacing": 0.5, "compartments": {"INS": "cytoplasmic"}, "background": background}
+    whole = measure_cells(nuc, clu, {"INS": img}, block=None, **kwargs)
+    blocks = measure_cells(nuc, clu, {"INS": img}, block=32, **kwargs)
+    assert whole["background_INS"].iloc[0] == pytest.approx(np.percentile(img, 5.0))
+    pd.testing.assert_frame_equal(blocks, whole, check_exact=False, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_percentiles_gathered_block_by_block(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    """Values added in 13 parts (counts merged every 50 entries) give every label's percentile
+    as computed on all values at once; integer images are kept as counts."""
+    from islet_imaging.measure import _cells
+    from islet_imaging.measure._validate import grouped_percentile
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(120.0, 60.0, 4000)
+    values = (
+        np.clip(values, 0, 255) if dtype is np.uint8 else values * (-3 if dtype is np.int16 else 1)
+    )
+    values = values.astype(dtype)
+    labels = rng.integers(0, 7, values.size)  # label 7: no values
+    monkeypatch.setattr(_cells._Values, "_COMPACT", 50)
+    gathered = _cells._Values()
+    for part in np.array_split(np.arange(values.size), 13):
+        gathered.add(labels[part], values[part])
+    for q in (5.0, 50.0, 97.5):
+        expected = grouped_percentile(values.astype(np.float64), labels, 7, q)
+        got = gathered.percentiles(q, 7)
+        np.testing.assert_array_equal(got[1:], expected[1:])
+        assert got[3] == pytest.approx(np.percentile(values[labels == 3].astype(float), q))
+    assert gathered.counts(7).tolist() == np.bincount(labels, minlength=8).tolist()
+    if dtype is not np.float32:
+        assert sum(k.size for k in gathered._keys) < values.size  # counts, not voxels
+
+
+@pytest.mark.parametrize("block", [0, -5, 2.5])
+def test_bad_block_size(block: object) -> None:
+    lab = np.zeros((10, 10), np.int32)
+    with pytest.raises(InputError, match="block"):
+        measure_cells(lab, lab, {"INS": lab}, spacing=1.0, block=block)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels as _skimage_expand_labels
 
 from islet_imaging.errors import InputError
@@ -39,6 +40,9 @@ BackgroundMethod = Literal["ring", "global", "none"]
 #: Smallest number of background voxels a ring (or the field) needs for a background estimate.
 MIN_BACKGROUND_VOXELS = 50
 
+
+#: Fields wider or taller than this many pixels are measured in blocks of it (flat memory).
+MEASURE_BLOCK = 2048
 
 #: Rows per strip of :func:`expand_labels` (a whole-image distance transform with indices
 #: takes ~32 bytes per pixel; strips bound that).
@@ -170,7 +174,6 @@ def background_levels(
     ring_gap_um: float = 2.0,
     ring_width_um: float = 15.0,
     fallback_percentile: float = 5.0,
-    ring: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Local background of one marker for each cluster, and for cells outside clusters.
 
@@ -199,8 +202,6 @@ def background_levels(
         Ring geometry in µm.
     fallback_percentile : float
         Used when there is no background outside clusters.
-    ring : (Z, Y, X) int ndarray, optional
-        Precomputed :func:`background_rings` (to reuse across markers).
 
     Returns
     -------
@@ -208,37 +209,22 @@ def background_levels(
         Background per cluster label; entry 0 is the field value (for unclustered cells).
     field_value : float
     """
-    clu = as_labels(clusters, "clusters")
-    img = as_intensity(image, clu.shape, "marker")
-    n = int(clu.max(initial=0))
-    if method == "none":
-        return np.zeros(n + 1), 0.0
-    if method not in ("ring", "global"):
-        raise InputError(f"background method {method!r} is not one of 'ring', 'global', 'none'")
-    free = clu == 0
-    if nuclei is not None:
-        free &= as_labels(nuclei, "nuclei") == 0
-    if np.count_nonzero(free) >= MIN_BACKGROUND_VOXELS:
-        field_value = float(np.percentile(img[free], percentile))
-    else:
-        field_value = float(np.percentile(img, fallback_percentile))
-        log.debug(
-            "no background outside clusters; using the image's %g-th percentile",
-            fallback_percentile,
-        )
-    per_cluster = np.full(n + 1, field_value)
-    if method == "global" or n == 0:
-        return per_cluster, field_value
-    if ring is None:
-        ring = background_rings(
-            clu, spacing=spacing, free=free, ring_gap_um=ring_gap_um, ring_width_um=ring_width_um
-        )
-    counts = np.bincount(ring.ravel(), minlength=n + 1)
-    values = grouped_percentile(img.ravel(), ring.ravel(), n, percentile)
-    ok = counts >= MIN_BACKGROUND_VOXELS
-    ok[0] = False
-    per_cluster[ok] = values[ok]
-    return per_cluster, field_value
+    clu = as_labels(clusters, "clusters", convert=False)
+    img = as_intensity(image, clu.shape, "marker", convert=False)
+    nuc = None if nuclei is None else as_labels(nuclei, "nuclei", convert=False)
+    per_cluster = _backgrounds(
+        nuc,
+        clu,
+        {"marker": img},
+        spacing=as_spacing(spacing),
+        method=method,
+        percentile=percentile,
+        ring_gap_um=ring_gap_um,
+        ring_width_um=ring_width_um,
+        fallback_percentile=fallback_percentile,
+        block=None,
+    )["marker"]
+    return per_cluster, float(per_cluster[0])
 
 
 def background_rings(
@@ -297,8 +283,14 @@ def measure_cells(
     background_percentile: float = 50.0,
     ring_gap_um: float = 2.0,
     ring_width_um: float = 15.0,
+    block: int | None = MEASURE_BLOCK,
 ) -> pd.DataFrame:
     """One row per nucleus: cluster, size, and background-corrected intensity of every marker.
+
+    Fields wider or taller than ``block`` pixels are measured block by block: each cell inside
+    a window that holds its nucleus and everything its cytoplasm depends on, and each
+    background from its voxels gathered over the blocks, so the working memory stays flat as
+    fields grow (stitched well mosaics) and the table is the one measured whole.
 
     Parameters
     ----------
@@ -318,6 +310,8 @@ def measure_cells(
         Background correction (see :func:`background_levels`), or fixed values per marker.
     background_percentile, ring_gap_um, ring_width_um : float
         Passed to :func:`background_levels`.
+    block : int or None
+        Block side in pixels (default :data:`MEASURE_BLOCK`); ``None``: the field whole.
 
     Returns
     -------
@@ -340,35 +334,133 @@ def measure_cells(
     >>> float(t.loc[0, "mean_INS"])
     8.0
     """
-    nuc = as_labels(nuclei, "nuclei")
-    clu = as_labels(clusters, "clusters")
+    nuc = as_labels(nuclei, "nuclei", convert=False)
+    clu = as_labels(clusters, "clusters", convert=False)
     if nuc.shape != clu.shape:
         raise InputError(
             f"nuclei labels {nuc.shape} and cluster labels {clu.shape} differ in shape; "
             "both must be on the image's grid"
         )
+    if block is not None and not (isinstance(block, int | np.integer) and block >= 1):
+        raise InputError(f"block={block!r} must be a whole number of pixels >= 1 (or None)")
     zyx = as_spacing(spacing)
     compartments = dict(compartments or {})
-    # checked now, converted to float64 one channel at a time below (memory)
+    # checked now, converted to float64 window by window below (memory)
     images = {
         name: as_intensity(img, nuc.shape, name, convert=False) for name, img in intensities.items()
     }
     for name, comp in compartments.items():
         if comp not in ("nuclear", "cytoplasmic"):
             raise InputError(f"compartment of {name!r} is {comp!r}; use 'nuclear' or 'cytoplasmic'")
-    is_3d = nuc.shape[0] > 1
+    n_clusters = int(clu.max(initial=0))
+    if isinstance(background, Mapping):
+        missing = [name for name in images if name not in background]
+        if missing:
+            raise InputError(f"no background value given for marker {missing[0]!r}")
+        backgrounds = {name: np.full(n_clusters + 1, float(background[name])) for name in images}
+    else:
+        backgrounds = _backgrounds(
+            nuc,
+            clu,
+            images,
+            spacing=zyx,
+            method=background,
+            percentile=background_percentile,
+            ring_gap_um=ring_gap_um,
+            ring_width_um=ring_width_um,
+            block=block,
+        )
+    needs_cyto = any(c == "cytoplasmic" for c in compartments.values())
+    # each cell is measured in the window of the block holding its bounding box's first corner;
+    # the window reaches past the block by the largest nucleus and twice the cytoplasm (the
+    # nuclei that compete for its cytoplasm), so the cell sees all it would see whole
+    boxes = ndi.find_objects(nuc)
+    starts = np.array([(-1, -1) if b is None else (b[1].start, b[2].start) for b in boxes])
+    starts = starts.reshape(-1, 2)
+    extent = tuple(
+        max(b[axis].stop - b[axis].start for b in boxes if b is not None) if boxes else 0
+        for axis in (1, 2)
+    )
+    reach = [math.ceil(2 * cytoplasm_um / v) + 2 if needs_cyto else 0 for v in zyx[1:]]
+    jobs = []
+    for (y0, y1), (x0, x1) in _cores(nuc.shape, block):
+        owned = np.zeros(len(boxes) + 1, dtype=bool)
+        owned[1:] = (
+            (starts[:, 0] >= y0) & (starts[:, 0] < y1) & (starts[:, 1] >= x0) & (starts[:, 1] < x1)
+        )
+        if owned.any():
+            window = (
+                slice(None),
+                slice(max(0, y0 - reach[0]), min(nuc.shape[1], y1 + extent[0] + reach[0])),
+                slice(max(0, x0 - reach[1]), min(nuc.shape[2], x1 + extent[1] + reach[1])),
+            )
+            jobs.append((window, owned))
+    if not jobs:  # no nuclei: the columns, without rows
+        jobs.append(((slice(None), slice(0, 1), slice(0, 1)), np.zeros(len(boxes) + 1, bool)))
+    parts = [
+        _cell_columns(
+            nuc[win],
+            clu[win],
+            {name: img[win] for name, img in images.items()},
+            spacing=zyx,
+            compartments=compartments,
+            cytoplasm_um=cytoplasm_um,
+            needs_cyto=needs_cyto,
+            backgrounds=backgrounds,
+            owned=owned,
+            offset=(win[1].start, win[2].start),
+            is_3d=nuc.shape[0] > 1,
+        )
+        for win, owned in jobs
+    ]
+    table = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return table.sort_values("cell_id", kind="stable", ignore_index=True)
+
+
+def _cores(shape: tuple[int, ...], block: int | None) -> list[tuple[tuple[int, int], ...]]:
+    """The (y, x) ranges of the blocks that tile a (Z, Y, X) field (one block when ``None``)."""
+    _, height, width = shape
+    step_y = height if block is None else block
+    step_x = width if block is None else block
+    return [
+        ((y0, min(height, y0 + step_y)), (x0, min(width, x0 + step_x)))
+        for y0 in range(0, height, max(step_y, 1))
+        for x0 in range(0, width, max(step_x, 1))
+    ]
+
+
+def _cell_columns(
+    nuclei: np.ndarray,
+    clusters: np.ndarray,
+    images: Mapping[str, np.ndarray],
+    *,
+    spacing: tuple[float, float, float],
+    compartments: Mapping[str, str],
+    cytoplasm_um: float,
+    needs_cyto: bool,
+    backgrounds: Mapping[str, np.ndarray],
+    owned: np.ndarray | None,
+    offset: tuple[int, int],
+    is_3d: bool,
+) -> dict[str, np.ndarray]:
+    """The columns of :func:`measure_cells` for the cells of one window (``owned`` labels only)."""
+    nuc = nuclei.astype(np.int64, copy=False)
+    clu = clusters.astype(np.int64, copy=False)
+    zyx = spacing
     n = int(nuc.max(initial=0))
     count = np.bincount(nuc.ravel(), minlength=n + 1).astype(np.float64)
     present = np.flatnonzero(count)
     present = present[present > 0]
+    if owned is not None:
+        present = present[owned[present]]
     table: dict[str, np.ndarray] = {"cell_id": present.astype(np.int64)}
     cluster_ids = cell_cluster_ids(nuc, clu)
     table["cluster_id"] = cluster_ids[present]
     zz, yy, xx = np.indices(nuc.shape, sparse=True)
-    for axis, coords in zip(("z", "y", "x"), (zz, yy, xx), strict=True):
+    for axis, coords, shift in zip(("z", "y", "x"), (zz, yy, xx), (0, *offset), strict=True):
         w = np.broadcast_to(coords, nuc.shape).ravel().astype(np.float64)
         sums = np.bincount(nuc.ravel(), weights=w, minlength=n + 1)
-        table[f"centroid_{axis}"] = sums[present] / count[present]
+        table[f"centroid_{axis}"] = sums[present] / count[present] + shift
     table["n_voxels"] = count[present].astype(np.int64)
     if is_3d:
         volume = count[present] * zyx[0] * zyx[1] * zyx[2]
@@ -381,7 +473,6 @@ def measure_cells(
         table["volume_um3"] = np.full(len(present), np.nan)
         table["equivalent_diameter_um"] = np.sqrt(4.0 * area / np.pi)
 
-    needs_cyto = any(c == "cytoplasmic" for c in compartments.values())
     cyto = None
     cyto_count = np.zeros(n + 1)
     if needs_cyto:
@@ -393,34 +484,9 @@ def measure_cells(
     empty = cyto_count[present] == 0
     table["cytoplasm_empty"] = empty if needs_cyto else np.zeros(len(present), dtype=bool)
 
-    ring = None
-    if background == "ring" and int(clu.max(initial=0)) > 0:
-        ring = background_rings(
-            clu,
-            spacing=zyx,
-            free=(clu == 0) & (nuc == 0),
-            ring_gap_um=ring_gap_um,
-            ring_width_um=ring_width_um,
-        )
-    for name in list(images):
-        img = as_intensity(images.pop(name), nuc.shape, name)
-        if isinstance(background, Mapping):
-            if name not in background:
-                raise InputError(f"no background value given for marker {name!r}")
-            bg = np.full(int(clu.max(initial=0)) + 1, float(background[name]))
-        else:
-            bg, _ = background_levels(
-                img,
-                clu,
-                spacing=zyx,
-                nuclei=nuc,
-                method=background,
-                percentile=background_percentile,
-                ring_gap_um=ring_gap_um,
-                ring_width_um=ring_width_um,
-                ring=ring,
-            )
-        cell_bg = bg[cluster_ids[present]]
+    for name, view in images.items():
+        img = as_intensity(view, nuc.shape, name)
+        cell_bg = backgrounds[name][cluster_ids[present]]
         _, n_total, n_mean, n_median = _region_stats(img, nuc, n)
         if compartments.get(name, "nuclear") == "cytoplasmic":
             assert cyto is not None
@@ -438,4 +504,173 @@ def measure_cells(
         table[f"integrated_{name}"] = raw_total - cell_bg * voxels
         table[f"background_{name}"] = cell_bg
         del img
-    return pd.DataFrame(table)
+    return table
+
+
+def _backgrounds(
+    nuclei: np.ndarray | None,
+    clusters: np.ndarray,
+    images: Mapping[str, np.ndarray],
+    *,
+    spacing: tuple[float, float, float],
+    method: BackgroundMethod,
+    percentile: float,
+    ring_gap_um: float,
+    ring_width_um: float,
+    fallback_percentile: float = 5.0,
+    block: int | None,
+) -> dict[str, np.ndarray]:
+    """:func:`background_levels` of every marker, gathered block by block (see there).
+
+    Returns, per marker, the background per cluster label with the field value at entry 0.
+    """
+    n = int(clusters.max(initial=0))
+    if method == "none":
+        return {name: np.zeros(n + 1) for name in images}
+    if method not in ("ring", "global"):
+        raise InputError(f"background method {method!r} is not one of 'ring', 'global', 'none'")
+    rings = method == "ring" and n > 0
+    # a voxel's ring label depends on the clusters within the ring's outer reach of it
+    reach = [math.ceil((ring_gap_um + ring_width_um) / v) + 1 if rings else 0 for v in spacing[1:]]
+    free_values = {name: _Values() for name in images}
+    ring_values = {name: _Values() for name in images}
+    n_free = 0
+    cores = _cores(clusters.shape, block)
+    for (y0, y1), (x0, x1) in cores:
+        wy0, wx0 = max(0, y0 - reach[0]), max(0, x0 - reach[1])
+        win = (
+            slice(None),
+            slice(wy0, min(clusters.shape[1], y1 + reach[0])),
+            slice(wx0, min(clusters.shape[2], x1 + reach[1])),
+        )
+        inner = (slice(None), slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+        clu = clusters[win].astype(np.int64, copy=False)
+        free = clu == 0
+        if nuclei is not None:
+            free &= nuclei[win] == 0
+        ring = (
+            background_rings(
+                clu,
+                spacing=spacing,
+                free=free,
+                ring_gap_um=ring_gap_um,
+                ring_width_um=ring_width_um,
+            )[inner]
+            if rings
+            else None
+        )
+        free = free[inner]
+        n_free += int(np.count_nonzero(free))
+        core = (slice(None), slice(y0, y1), slice(x0, x1))
+        for name, img in images.items():
+            values = img[core]
+            free_values[name].add(None, values[free])
+            if ring is not None:
+                on_ring = ring > 0
+                ring_values[name].add(ring[on_ring], values[on_ring])
+    out = {}
+    for name, img in images.items():
+        if n_free >= MIN_BACKGROUND_VOXELS:
+            field_value = free_values[name].percentiles(percentile, 1)[1]
+        else:
+            everything = _Values()
+            for (y0, y1), (x0, x1) in cores:
+                everything.add(None, img[:, y0:y1, x0:x1].ravel())
+            field_value = everything.percentiles(fallback_percentile, 1)[1]
+            log.debug(
+                "no background outside clusters; using the image's %g-th percentile",
+                fallback_percentile,
+            )
+        per_cluster = np.full(n + 1, float(field_value))
+        if rings:
+            values = ring_values[name].percentiles(percentile, n)
+            ok = ring_values[name].counts(n) >= MIN_BACKGROUND_VOXELS
+            ok[0] = False
+            per_cluster[ok] = values[ok]
+        out[name] = per_cluster
+    return out
+
+
+class _Values:
+    """Values per label gathered block by block, for exact percentiles per label.
+
+    Integer values of at most 16 bits (what microscopes write) are kept as counts of distinct
+    (label, value) pairs, so memory follows the number of distinct pairs, not of voxels.
+    """
+
+    _BITS = 17  # value + 2**15 of any 8/16-bit integer fits in 17 bits
+    _COMPACT = 1 << 22  # merge the counts of the blocks when they hold this many entries
+
+    def __init__(self) -> None:
+        self._labels: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, labels: np.ndarray | None, values: np.ndarray) -> None:
+        """Add ``values`` with their ``labels`` (``None``: all label 1)."""
+        values = np.ravel(values)
+        labels = (
+            np.ones(values.size, np.int64) if labels is None else np.ravel(labels).astype(np.int64)
+        )
+        if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+            keys = (labels << self._BITS) | (values.astype(np.int64) + 2**15)
+            keys, counts = np.unique(keys, return_counts=True)
+            self._keys.append(keys)
+            self._counts.append(counts)
+            self._pending += keys.size
+            if self._pending > self._COMPACT:
+                self._compact()
+        else:
+            self._labels.append(labels)
+            self._values.append(values.astype(np.float64))
+
+    def _compact(self) -> None:
+        keys, inverse = np.unique(np.concatenate(self._keys), return_inverse=True)
+        counts = np.bincount(inverse.ravel(), weights=np.concatenate(self._counts))
+        self._keys, self._counts = [keys], [counts.astype(np.int64)]
+        self._pending = keys.size
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, values, counts) sorted by label, then value."""
+        if self._keys:
+            self._compact()
+            keys = self._keys[0]
+            labels = keys >> self._BITS
+            values = ((keys & ((1 << self._BITS) - 1)) - 2**15).astype(np.float64)
+            return labels, values, self._counts[0]
+        if not self._labels:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+        labels = np.concatenate(self._labels)
+        values = np.concatenate(self._values)
+        order = np.lexsort((values, labels))
+        return labels[order], values[order], np.ones(labels.size, np.int64)
+
+    def counts(self, n: int) -> np.ndarray:
+        """Number of values of each label ``0..n``."""
+        labels, _, counts = self._arrays()
+        keep = labels <= n
+        return np.bincount(labels[keep], weights=counts[keep], minlength=n + 1).astype(np.int64)
+
+    def percentiles(self, q: float, n: int) -> np.ndarray:
+        """Percentile ``q`` of each label ``0..n`` (NaN where a label has none), as
+        :func:`~islet_imaging.measure._validate.grouped_percentile` computes it."""
+        labels, values, counts = self._arrays()
+        keep = labels <= n
+        labels, values, counts = labels[keep], values[keep], counts[keep]
+        out = np.full(n + 1, np.nan)
+        totals = np.bincount(labels, weights=counts, minlength=n + 1).astype(np.int64)
+        present = np.flatnonzero(totals)
+        if present.size == 0:
+            return out
+        starts = np.concatenate([[0], np.cumsum(totals)[:-1]])[present]
+        last = np.cumsum(counts)  # rank just past each entry, in the expanded sorted values
+        pos = starts + q / 100.0 * (totals[present] - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, starts + totals[present] - 1)
+        frac = pos - lo
+        v_lo = values[np.searchsorted(last, lo, side="right")]
+        v_hi = values[np.searchsorted(last, hi, side="right")]
+        out[present] = v_lo * (1 - frac) + v_hi * frac
+        return out

@@ -179,19 +179,18 @@ def measure_clusters(
     >>> round(float(t.loc[0, "equivalent_diameter_um"]))
     300
     """
-    lab = as_labels(clusters, "clusters")
+    lab = as_labels(clusters, "clusters", convert=False)  # no int64 copy of a large field
     zyx = as_spacing(spacing)
     is_3d = lab.shape[0] > 1
     Z, Y, X = lab.shape
     n = int(lab.max(initial=0))
-    count = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
     rows: list[dict[str, object]] = []
     slices = ndimage.find_objects(lab) if n else []
     for label, sl in enumerate(slices, start=1):
         if sl is None:
             continue
         crop = lab[sl] == label
-        nvox = float(count[label])
+        nvox = float(np.count_nonzero(crop))
         zs, ys, xs = sl
         touches = ys.start == 0 or xs.start == 0 or ys.stop == Y or xs.stop == X
         touches_z = is_3d and (zs.start == 0 or zs.stop == Z)

@@ -12,8 +12,11 @@ from islet_imaging.errors import InputError
 __all__ = ["as_intensity", "as_labels", "as_spacing", "grouped_percentile"]
 
 
-def as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
-    """A label image as a (Z, Y, X) integer array (a (Y, X) image gets Z = 1).
+def as_labels(labels: np.ndarray, name: str = "labels", *, convert: bool = True) -> np.ndarray:
+    """A label image as a (Z, Y, X) int64 array (a (Y, X) image gets Z = 1).
+
+    ``convert=False`` only checks it and returns a (Z, Y, X) view in its own integer dtype (no
+    copy of a large field).
 
     Raises
     ------
@@ -34,7 +37,7 @@ def as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
         raise InputError(f"{name} must be (Z, Y, X) or (Y, X), got shape {arr.shape}")
     if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
         raise InputError(f"{name} has negative values; labels are 0 (background) or positive")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(np.int64, copy=False) if convert else arr
 
 
 def as_intensity(
