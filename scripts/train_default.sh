@@ -17,7 +17,7 @@
 #    Checkpoints and train_log.csv in runs/default_stage{1,2,4}.run/.
 #    The shipped weights: the mean of stage 2's and stage 3's (scripts/average_models.py).
 # 3. scripts/tune_postprocess.py: clusters_foreground x clusters_saddle, then enclosed pieces
-#    (clusters_absorb_size x clusters_absorb_contact); nuclei_foreground / nuclei_seed, the size
+#    (clusters_absorb_size x clusters_absorb_contact) and clusters_outline; nuclei_foreground / nuclei_seed, the size
 #    floor of 2D sections through aggregates (nuclei_min_section) and the z-stack levels
 #    nuclei_foreground_3d / nuclei_seed_3d / nuclei_end_plane_3d, written to the model's
 #    thresholds.json.
@@ -77,8 +77,8 @@ nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
 "$PY" scripts/average_models.py runs/default_stage2 runs/default_stage4 --out "$OUT" --name default --overwrite
 
 # 3. Post-processing thresholds that `train` does not tune, on tuning fields (seeds 1100-1115)
-#    and DSB val (~20 min): the cluster foreground level, the split's saddle depth and enclosed
-#    pieces, then the nuclear levels and the nucleus floor of sections through aggregates.
+#    and DSB val (~20 min): the cluster foreground level, the split's saddle depth, enclosed
+#    pieces and the outline level clusters grow to (clusters_outline), then the nuclear levels and the nucleus floor of sections through aggregates.
 "$PY" scripts/tune_postprocess.py --model "$OUT" --cluster-foregrounds 0.65 \
     --saddles 0.15 0.2 0.25 0.3 --write
 "$PY" scripts/tune_postprocess.py --model "$OUT" --tune nuclei --dsb "$DSB" \

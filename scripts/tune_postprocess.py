@@ -9,7 +9,9 @@ every candidate value.
 of every colony and aggregate stage (monolayer patches are not split). Best: the pooled cluster
 AP@0.5 (ties: the better AP@0.75, then the value closest to the model's current one). Then
 ``clusters_absorb_size`` × ``clusters_absorb_contact`` (small pieces mostly enclosed by a large
-neighbour join it) over ``--absorb-sizes`` × ``--absorb-contacts`` on the same fields.
+neighbour join it) over ``--absorb-sizes`` × ``--absorb-contacts`` on the same fields. Then
+``clusters_outline`` (the lower level clusters grow to after the split) over ``--outlines``:
+the smallest bias of the matched clusters' diameters (mean over the stages).
 
 ``--tune nuclei``: first ``nuclei_foreground`` × ``nuclei_seed`` over ``--foregrounds`` ×
 ``--seed-levels``, on two sets of 2D images: fields of all 8 stages, and the DSB 2018
@@ -164,6 +166,23 @@ class _Image(NamedTuple):
     nuclei: np.ndarray
 
 
+def _instances(c: Cached, model, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus and cluster labels of one cached image at these thresholds."""
+    from islet_imaging.models.inference import field_instances
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return field_instances(
+            c.maps,
+            c.spacing,
+            c.field,
+            c.profile,
+            model,
+            thresholds=thresholds,
+            nucleus_diameter_um=c.nucleus_diameter,
+        )
+
+
 def pooled_ap(
     cached: list[Cached], model, thresholds, cls_name: str, errors: list | None = None
 ) -> dict[str, tuple[float, float]]:
@@ -174,22 +193,11 @@ def pooled_ap(
     (:func:`islet_imaging.metrics.error_kinds`).
     """
     from islet_imaging.metrics import error_kinds, match, pool_matchings
-    from islet_imaging.models.inference import field_instances
 
     per_key: dict[str, list] = defaultdict(list)
     first = cached[0].set
     for c in cached:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nuclei, clusters = field_instances(
-                c.maps,
-                c.spacing,
-                c.field,
-                c.profile,
-                model,
-                thresholds=thresholds,
-                nucleus_diameter_um=c.nucleus_diameter,
-            )
+        nuclei, clusters = _instances(c, model, thresholds)
         m = match(c.truth, nuclei if cls_name == "nuclei" else clusters, thresholds=(0.5, 0.75))
         per_key[c.set].append(m)
         if c.set == first:
@@ -259,6 +267,57 @@ def search(
     return candidates[k_best]
 
 
+def outline_search(cached: list[Cached], levels: list[float], model, base) -> dict[str, float]:
+    """Print how far cluster sizes are off at each ``clusters_outline`` level; return the best.
+
+    For every true cluster away from the field's edge that a predicted cluster matches at IoU
+    0.5: the relative error of its equivalent diameter. Its mean per stage is that stage's bias
+    (what moves a well's total IEQ); best: the smallest mean over the stages of the absolute
+    bias (ties: the higher level). A level at or above ``clusters_foreground`` is the
+    foreground's own outline (``None``).
+    """
+    from islet_imaging.metrics import match, pool_matchings
+    from islet_imaging.models._postprocess import border_labels
+
+    fg = base.clusters_foreground
+    candidates = sorted({fg, *(min(level, fg) for level in levels)}, reverse=True)
+    rows = []
+    for level in candidates:
+        th = dataclasses.replace(base, clusters_outline=None if level >= fg else level)
+        errors: dict[str, list[float]] = defaultdict(list)
+        matchings = []
+        for c in cached:
+            _, clusters = _instances(c, model, th)
+            m = match(c.truth, clusters, thresholds=(0.5, 0.75))
+            matchings.append(m)
+            edge = border_labels(c.truth, axes=(-2, -1))
+            true_area = np.bincount(c.truth.ravel())
+            pred_area = np.bincount(clusters.ravel())
+            for t, p in zip(m[0].true_ids, m[0].pred_ids, strict=True):
+                if int(t) not in edge:
+                    errors[c.group].append(float(np.sqrt(pred_area[p] / true_area[t])) - 1.0)
+        ap = [float(pool_matchings([m[i] for m in matchings]).ap) for i in (0, 1)]
+        bias = float(np.mean([abs(np.mean(v)) for v in errors.values()]))
+        rows.append((level, errors, bias, ap))
+    groups = list(rows[0][1])
+    print("\nclusters_outline: bias of matched clusters' diameters (mean relative error):")
+    header = ["clusters_outline", *groups, "mean abs bias", "AP@0.5", "AP@0.75"]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
+    for level, errors, bias, ap in rows:
+        cells = [f"{100 * np.mean(errors[g]):+.1f} %" for g in groups]
+        name = f"{level:g}" + (" (off)" if level >= fg else "")
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {100 * bias:.2f} % | {ap[0]:.3f} | {ap[1]:.3f} |"
+        )
+    level = min(rows, key=lambda r: (round(r[2], 4), -r[0]))[0]
+    best = {"clusters_outline": None if level >= fg else level}
+    print(f"best: {best} (current {{'clusters_outline': {base.clusters_outline}}})")
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="models/default", help="model directory")
@@ -276,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--end-planes-3d", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "nuclei_end_plane_3d"),
         ("--absorb-sizes", [0.0, 0.05, 0.1, 0.15, 0.2], "clusters_absorb_size"),
         ("--absorb-contacts", [0.2, 0.3, 0.4, 0.5], "clusters_absorb_contact"),
+        ("--outlines", [0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3], "clusters_outline"),
         (
             "--min-sections",
             [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0],
@@ -321,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             "clusters_absorb_contact": args.absorb_contacts,
         }
         best |= search(cached, _grid(axes), model, dataclasses.replace(base, **best), "clusters")
+        best |= outline_search(cached, args.outlines, model, dataclasses.replace(base, **best))
     else:
         flat = [c for c in cached if c.set != "synthetic 3D"]
         axes = {"nuclei_foreground": args.foregrounds, "nuclei_seed": args.seed_levels}

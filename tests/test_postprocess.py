@@ -584,3 +584,46 @@ def test_combined_split_rejoins_a_piece_that_a_false_valley_cut_off() -> None:
     assert before.max() == 3  # the cap is an object of its own
     assert after.max() == 2
     assert match(truth, after, thresholds=0.9)[0].ap == 1.0
+
+
+def test_grow_to_level_reaches_the_lower_outline_without_new_objects() -> None:
+    """Three cones of probability: the two near ones, of different widths, are labelled at
+    0.65 and grow to 0.4, meeting where the probability is lowest (where the cones cross); the
+    far one, with no label, stays 0."""
+    from islet_imaging.models._postprocess import grow_to_level
+
+    yy, xx = np.mgrid[:100, :200]
+    cones = [
+        np.clip(1 - np.hypot(yy - 50, xx - cx) / width, 0, 1)
+        for cx, width in ((40, 36), (75, 20), (160, 30))
+    ]
+    prob = np.max(cones, axis=0).astype(np.float32)
+    labels = np.zeros((100, 200), np.int32)
+    labels[cones[0] > 0.65] = 1
+    labels[cones[1] > 0.65] = 2
+    grown = grow_to_level(labels, prob, 0.4)
+    nearer = np.where(cones[0] >= cones[1], 1, 2)
+    expected = np.where((prob > 0.4) & (xx < 120), nearer, 0)
+    assert grown[:, 120:].max() == 0  # no label reaches the third cone: no new object
+    assert np.count_nonzero(grown != expected) == 0
+    assert np.count_nonzero(grown) > 2.5 * np.count_nonzero(labels)
+    assert np.array_equal(grow_to_level(labels, prob, 0.9), labels)  # above the labels: as is
+
+
+def test_clusters_outline_through_the_thresholds() -> None:
+    """A disc of cluster probability falling off at its rim: at ``clusters_outline`` 0.3 the
+    cluster is the 0.3 outline, unset (or not below ``clusters_foreground``) the 0.6 one."""
+    yy, xx = np.mgrid[:120, :120]
+    fg = np.clip(1 - np.hypot(yy - 60, xx - 60) / 50, 0, 1).astype(np.float32)
+    maps = {"nuclei_foreground": np.zeros_like(fg), "clusters_foreground": fg}
+    areas = {}
+    for level in (None, 0.6, 0.3):
+        th = Thresholds(clusters_foreground=0.6, clusters_outline=level)
+        _, clusters = maps_to_instances(maps, thresholds=th, cluster_split="combined")
+        assert clusters.max() == 1
+        areas[level] = np.count_nonzero(clusters)
+    assert areas[None] == areas[0.6] == np.count_nonzero(fg > 0.6)
+    assert areas[0.3] == np.count_nonzero(fg > 0.3)
+    assert Thresholds.from_dict({"clusters_outline": None}).clusters_outline is None
+    with pytest.raises(ModelError, match="clusters_outline"):
+        Thresholds(clusters_outline=1.5)

@@ -57,7 +57,7 @@ def _reject_unknown_keys(d: Mapping[str, Any], cls: type, what: str, where: str 
 
 
 #: Thresholds that may be ``None`` (then the 2D level applies).
-_OPTIONAL = frozenset({"nuclei_foreground_3d", "nuclei_seed_3d"})
+_OPTIONAL = frozenset({"nuclei_foreground_3d", "nuclei_seed_3d", "clusters_outline"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,12 @@ class Thresholds:
         ``clusters_absorb_contact`` of its outline with it, joins that neighbour: a small piece
         mostly enclosed by a large aggregate is a piece of it that a false valley of the predicted
         distance cut off, not a cluster of its own. ``clusters_absorb_size`` 0 never joins.
+    clusters_outline : float or None
+        Clusters, found and split at ``clusters_foreground``, grow into the connected pixels
+        whose foreground probability is above this lower level (a watershed on the
+        probability): the level that splits touching clusters best lies inside the network's
+        own outline, and a cluster's outline decides its size and IEQ. ``None``: the
+        ``clusters_foreground`` outline.
     nuclei_min_section : float
         2D images of aggregate stages: the smallest nucleus kept, as a fraction of the stage's
         smallest nucleus diameter. Such an image is an optical section through a thick cluster,
@@ -127,6 +133,7 @@ class Thresholds:
     clusters_saddle: float = 0.2
     clusters_absorb_size: float = 0.0
     clusters_absorb_contact: float = 1.0
+    clusters_outline: float | None = None
     nuclei_min_section: float = 1.0
 
     def __post_init__(self) -> None:

@@ -923,8 +923,34 @@ def maps_to_instances(
         )
     clusters = out["clusters"]
     if clusters.any():
+        level = th.clusters_outline
+        if level is not None and level < th.clusters_foreground:
+            clusters = grow_to_level(clusters, np.asarray(maps["clusters_foreground"]), level)
         clusters = _attach_nuclei_to_clusters(out["nuclei"], clusters)
     return out["nuclei"], clusters
+
+
+def grow_to_level(labels: np.ndarray, probability: np.ndarray, level: float) -> np.ndarray:
+    """Grow ``labels`` into the pixels above ``level`` of ``probability`` that they connect to.
+
+    A watershed on the negative probability from the labels, inside ``probability > level``:
+    each pixel joins the label it is reached from first, so neighbours meet where the probability
+    is lowest. Pixels not connected to a label stay 0 (no new objects). Run one connected piece
+    of the grown mask at a time (memory follows the largest piece, not the field).
+    """
+    mask = (probability > level) | (labels > 0)
+    pieces, _ = ndi.label(mask)
+    out = labels.astype(np.int32, copy=True)
+    for i, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None:
+            continue
+        inside = pieces[sl] == i
+        seeds = np.where(inside, labels[sl], 0)
+        if not seeds.any() or np.all(seeds[inside] > 0):
+            continue
+        grown = watershed(-np.asarray(probability[sl], np.float32), markers=seeds, mask=inside)
+        out[sl][inside] = grown[inside]
+    return out
 
 
 def border_labels(labels: np.ndarray, *, axes: Sequence[int] | None = None) -> set[int]:
