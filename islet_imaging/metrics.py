@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "Matching",
     "count_error",
+    "diameter_errors",
     "error_kinds",
     "iou_matrix",
     "match",
@@ -57,6 +58,7 @@ __all__ = [
     "pool_error_kinds",
     "pool_matchings",
     "relative_error",
+    "size_bias",
 ]
 
 Criterion = Literal["iou", "iot", "iop"]
@@ -457,6 +459,39 @@ def match(
     ths = _check_thresholds(thresholds)
     truth, pred = _check_labels(truth, pred)
     return _match_overlap(_overlap(truth, pred), ths, criterion)
+
+
+def diameter_errors(truth: np.ndarray, pred: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
+    """Relative error ``d_pred / d_true − 1`` of the equivalent diameter of each matched object.
+
+    Objects: every true object that does not touch the image's Y/X edge (a cut object's size is
+    not its own) and that a predicted object matches at IoU ≥ ``threshold``. Equivalent diameter:
+    of a circle in 2D (a (1, Y, X) image too), of a sphere in 3D, so the error does not depend
+    on the pixel size.
+
+    Examples
+    --------
+    >>> t = np.zeros((20, 20), np.int32); t[5:15, 5:15] = 1
+    >>> p = np.zeros_like(t); p[6:15, 5:14] = 1
+    >>> diameter_errors(t, p).round(3).tolist()
+    [-0.1]
+    """
+    m = match(truth, pred, thresholds=threshold)[0]
+    truth, pred = _check_labels(truth, pred)
+    flat = truth.ndim == 2 or truth.shape[0] == 1
+    rims = (truth[..., 0, :], truth[..., -1, :], truth[..., :, 0], truth[..., :, -1])
+    edge = np.unique(np.concatenate([rim.ravel() for rim in rims]))
+    keep = ~np.isin(m.true_ids, edge)
+    true_size = np.bincount(truth.ravel())[m.true_ids[keep]]
+    pred_size = np.bincount(pred.ravel())[m.pred_ids[keep]]
+    return (pred_size / true_size) ** (0.5 if flat else 1 / 3) - 1.0
+
+
+def size_bias(errors: Mapping[str, Sequence[float]]) -> float:
+    """How far sizes are off on average: the mean over groups (e.g. stages) of the absolute mean
+    of each group's :func:`diameter_errors`; NaN when no group has any."""
+    means = [abs(float(np.mean(v))) for v in errors.values() if len(v)]
+    return float(np.mean(means)) if means else float("nan")
 
 
 def pool_matchings(results: Sequence[Matching]) -> Matching:

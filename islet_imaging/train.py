@@ -1023,6 +1023,9 @@ TUNE_SEEDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNE_FOREGROUNDS: tuple[float, ...] = (0.35, 0.5, 0.65)
 #: Candidates of ``nuclei_min_section`` (the nucleus floor of 2D sections through aggregates).
 TUNE_SECTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+#: Candidates of ``clusters_outline`` below the cluster foreground level (besides ``None``, the
+#: foreground level's own outline).
+TUNE_OUTLINES: tuple[float, ...] = (0.5, 0.4, 0.3)
 
 
 def tune_thresholds(
@@ -1038,8 +1041,9 @@ def tune_thresholds(
     A coordinate search maximising the class's mean AP over IoU 0.5–0.9: the seed level over
     :data:`TUNE_SEEDS` at the current foreground level, then the foreground level over
     :data:`TUNE_FOREGROUNDS` at the best seed level; then, on the images of aggregate stages
-    (2D sections through aggregates), ``nuclei_min_section`` over :data:`TUNE_SECTIONS`. The
-    search uses up to ``max_images`` images spread over the set; the returned metrics are on the
+    (2D sections through aggregates), ``nuclei_min_section`` over :data:`TUNE_SECTIONS`, and
+    ``clusters_outline`` over :data:`TUNE_OUTLINES` by the bias of the clusters' sizes
+    (:func:`_tune_outline`: the annotators' outlines decide where clusters end). The search uses up to ``max_images`` images spread over the set; the returned metrics are on the
     whole set.
 
     Returns
@@ -1070,6 +1074,8 @@ def tune_thresholds(
         )
         if cls_name == "nuclei":
             best = _tune_section(model, subset, nuclei_only, best, model_config)
+        else:
+            best = _tune_outline(subset, sub_preds, best, model_config)
     assert isinstance(best, Thresholds)
     return best, evaluate(
         model, dataset, model_config=model_config, thresholds=best, predictions=preds
@@ -1148,6 +1154,55 @@ def _tune_section(
         len(keep),
     )
     return dataclasses.replace(start, nuclei_min_section=best)
+
+
+def _tune_outline(
+    subset: TrainingSet,
+    maps: Sequence[dict[str, np.ndarray]],
+    start: Thresholds,
+    model_config: ModelConfig,
+) -> Thresholds:
+    """``clusters_outline`` over ``None`` and :data:`TUNE_OUTLINES` (the levels below the
+    cluster foreground level) on the images with clusters: the smallest
+    :func:`~islet_imaging.metrics.size_bias` of the matched clusters' diameters, per stage.
+    Ties (and no matched cluster away from the edge) keep the current value."""
+    from islet_imaging.metrics import diameter_errors, size_bias
+
+    keep = [i for i, it in enumerate(subset.images) if it.clusters is not None]
+    current = start.clusters_outline
+    candidates = {None, current, *(v for v in TUNE_OUTLINES if v < start.clusters_foreground)}
+
+    def bias(level: float | None) -> float:
+        th = dataclasses.replace(start, clusters_outline=level)
+        errors: dict[str, list[float]] = {}
+        for i in keep:
+            item = subset.images[i]
+            _, clusters = instances_of(maps[i], item, th, model_config)
+            errors.setdefault(_stage_profile(item.stage).name, []).extend(
+                diameter_errors(item.clusters, clusters)
+            )
+        return size_bias(errors)
+
+    scores = {level: bias(level) for level in candidates}
+    if not keep or all(np.isnan(v) for v in scores.values()):
+        return start
+    best = min(
+        scores,
+        key=lambda v: (
+            round(scores[v], 4),
+            v != current,
+            -(start.clusters_foreground if v is None else v),
+        ),
+    )
+    log.info(
+        "tuned clusters_outline: %s (mean size bias %.2f %% on %d images; %.2f %% at %s)",
+        best,
+        100 * scores[best],
+        len(keep),
+        100 * scores[current],
+        current,
+    )
+    return dataclasses.replace(start, clusters_outline=best)
 
 
 def _spread_indices(n: int, k: int) -> np.ndarray:

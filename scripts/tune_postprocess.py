@@ -271,13 +271,13 @@ def outline_search(cached: list[Cached], levels: list[float], model, base) -> di
     """Print how far cluster sizes are off at each ``clusters_outline`` level; return the best.
 
     For every true cluster away from the field's edge that a predicted cluster matches at IoU
-    0.5: the relative error of its equivalent diameter. Its mean per stage is that stage's bias
+    0.5: the relative error of its equivalent diameter
+    (:func:`islet_imaging.metrics.diameter_errors`). Its mean per stage is that stage's bias
     (what moves a well's total IEQ); best: the smallest mean over the stages of the absolute
-    bias (ties: the higher level). A level at or above ``clusters_foreground`` is the
-    foreground's own outline (``None``).
+    bias (:func:`islet_imaging.metrics.size_bias`; ties: the higher level). A level at or above
+    ``clusters_foreground`` is the foreground's own outline (``None``).
     """
-    from islet_imaging.metrics import match, pool_matchings
-    from islet_imaging.models._postprocess import border_labels
+    from islet_imaging.metrics import diameter_errors, match, pool_matchings, size_bias
 
     fg = base.clusters_foreground
     candidates = sorted({fg, *(min(level, fg) for level in levels)}, reverse=True)
@@ -288,17 +288,10 @@ def outline_search(cached: list[Cached], levels: list[float], model, base) -> di
         matchings = []
         for c in cached:
             _, clusters = _instances(c, model, th)
-            m = match(c.truth, clusters, thresholds=(0.5, 0.75))
-            matchings.append(m)
-            edge = border_labels(c.truth, axes=(-2, -1))
-            true_area = np.bincount(c.truth.ravel())
-            pred_area = np.bincount(clusters.ravel())
-            for t, p in zip(m[0].true_ids, m[0].pred_ids, strict=True):
-                if int(t) not in edge:
-                    errors[c.group].append(float(np.sqrt(pred_area[p] / true_area[t])) - 1.0)
+            matchings.append(match(c.truth, clusters, thresholds=(0.5, 0.75)))
+            errors[c.group].extend(diameter_errors(c.truth, clusters))
         ap = [float(pool_matchings([m[i] for m in matchings]).ap) for i in (0, 1)]
-        bias = float(np.mean([abs(np.mean(v)) for v in errors.values()]))
-        rows.append((level, errors, bias, ap))
+        rows.append((level, errors, size_bias(errors), ap))
     groups = list(rows[0][1])
     print("\nclusters_outline: bias of matched clusters' diameters (mean relative error):")
     header = ["clusters_outline", *groups, "mean abs bias", "AP@0.5", "AP@0.75"]

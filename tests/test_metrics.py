@@ -14,6 +14,7 @@ from islet_imaging.metrics import (
     FN_KINDS,
     FP_KINDS,
     count_error,
+    diameter_errors,
     error_kinds,
     iou_matrix,
     match,
@@ -23,6 +24,7 @@ from islet_imaging.metrics import (
     measurement_errors,
     percentage_point_error,
     relative_error,
+    size_bias,
 )
 
 
@@ -355,3 +357,28 @@ def test_measurement_errors() -> None:
     assert rows.loc["mean_diameter_um", "abs_error"] == 8.0
     with pytest.raises(InputError, match="only in one"):
         measurement_errors({"a": 1.0}, {"b": 1.0})
+
+
+def test_diameter_errors_of_matched_objects_away_from_the_edge() -> None:
+    """2D: a 20 px square predicted as 16 × 20 (diameter ×√0.8), one at the edge predicted
+    half its size (ignored: cut by the edge), one not predicted (unmatched: ignored). 3D: a
+    cube predicted with 8 of its 10 planes (diameter ×∛0.8)."""
+    truth = np.zeros((60, 80), np.int32)
+    pred = np.zeros_like(truth)
+    truth[10:30, 10:30] = 1
+    pred[12:28, 10:30] = 5
+    truth[0:20, 50:70] = 2  # at the edge
+    pred[0:10, 50:70] = 6
+    truth[40:55, 40:55] = 3  # missed
+    np.testing.assert_allclose(diameter_errors(truth, pred), [np.sqrt(0.8) - 1])
+    np.testing.assert_allclose(diameter_errors(truth[None], pred[None]), [np.sqrt(0.8) - 1])
+    cube = np.zeros((12, 30, 30), np.int32)
+    cube[1:11, 5:25, 5:25] = 1
+    shorter = np.where(np.arange(12)[:, None, None] < 9, cube, 0)
+    np.testing.assert_allclose(diameter_errors(cube, shorter), [np.cbrt(0.8) - 1])
+    assert diameter_errors(truth, np.zeros_like(truth)).size == 0
+
+
+def test_size_bias_is_the_mean_absolute_bias_of_the_groups() -> None:
+    assert size_bias({"S4": [0.02, 0.04], "S6": [-0.01, -0.03], "S5": []}) == pytest.approx(0.025)
+    assert np.isnan(size_bias({"S4": []}))

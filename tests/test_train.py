@@ -930,3 +930,32 @@ def test_tuning_chooses_the_section_floor_on_aggregate_stages(stage: str, expect
     tuned = _tune_section(None, subset, maps, mc.thresholds, mc)
     assert tuned.nuclei_min_section == expected
     assert tuned.nuclei_seed == mc.thresholds.nuclei_seed  # nothing else moves
+
+
+def test_tuning_chooses_the_outline_the_annotations_draw() -> None:
+    """Cluster probability falling linearly past the annotated rim, which lies at 0.4: at the
+    foreground level (0.5) the clusters come out too small, the tuned ``clusters_outline``
+    gives them back their annotated size; images without cluster labels change nothing."""
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models._dataset import TrainingImage
+    from islet_imaging.models._targets import make_targets
+    from islet_imaging.train import TrainingSet, _tune_outline
+
+    mc = ModelConfig()
+    yy, xx = np.mgrid[:200, :300]
+    clusters = np.zeros((200, 300), np.int32)
+    prob = np.zeros((200, 300), np.float32)
+    for i, cx in enumerate((80, 220), start=1):
+        r = np.hypot(yy - 100, xx - cx)
+        clusters[r < 60] = i
+        prob = np.maximum(prob, np.clip(0.4 + (60 - r) * 0.02, 0, 1))
+    maps = make_targets(clusters, clusters)
+    maps["clusters_foreground"] = prob
+    item = TrainingImage("x/a", np.zeros((2, 200, 300), np.float32), clusters, clusters, stage="S4")
+    subset = TrainingSet((item,), np.ones(1))
+    assert mc.thresholds.clusters_outline is None and mc.thresholds.clusters_foreground == 0.5
+    tuned = _tune_outline(subset, [maps], mc.thresholds, mc)
+    assert tuned.clusters_outline == 0.4
+    assert dataclasses.replace(tuned, clusters_outline=None) == mc.thresholds  # nothing else
+    unlabelled = TrainingSet((dataclasses.replace(item, clusters=None),), np.ones(1))
+    assert _tune_outline(unlabelled, [maps], mc.thresholds, mc) == mc.thresholds
