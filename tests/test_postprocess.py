@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 from islet_imaging.errors import InputError, ModelError
@@ -601,13 +602,17 @@ def test_grow_to_level_reaches_the_lower_outline_without_new_objects() -> None:
     labels = np.zeros((100, 200), np.int32)
     labels[cones[0] > 0.65] = 1
     labels[cones[1] > 0.65] = 2
-    grown = grow_to_level(labels, prob, 0.4)
+    grown = grow_to_level(labels, prob, 0.4, spacing=(0.25, 0.25))  # at most 9 px = 2.25 µm
     nearer = np.where(cones[0] >= cones[1], 1, 2)
     expected = np.where((prob > 0.4) & (xx < 120), nearer, 0)
     assert grown[:, 120:].max() == 0  # no label reaches the third cone: no new object
     assert np.count_nonzero(grown != expected) == 0
     assert np.count_nonzero(grown) > 2.5 * np.count_nonzero(labels)
     assert np.array_equal(grow_to_level(labels, prob, 0.9), labels)  # above the labels: as is
+    # at 1 µm per pixel the 9 px exceed the reach: growth stops 5 µm beyond the labels
+    capped = grow_to_level(labels, prob, 0.4, spacing=(1.0, 1.0), max_um=5.0)
+    reach = ndi.distance_transform_edt(labels == 0)
+    assert np.array_equal(capped > 0, (expected > 0) & (reach <= 5.0))
 
 
 def test_clusters_outline_through_the_thresholds() -> None:
@@ -619,7 +624,9 @@ def test_clusters_outline_through_the_thresholds() -> None:
     areas = {}
     for level in (None, 0.6, 0.3):
         th = Thresholds(clusters_foreground=0.6, clusters_outline=level)
-        _, clusters = maps_to_instances(maps, thresholds=th, cluster_split="combined")
+        _, clusters = maps_to_instances(
+            maps, thresholds=th, cluster_split="combined", spacing=(0.25, 0.25)
+        )
         assert clusters.max() == 1
         areas[level] = np.count_nonzero(clusters)
     assert areas[None] == areas[0.6] == np.count_nonzero(fg > 0.6)

@@ -925,19 +925,35 @@ def maps_to_instances(
     if clusters.any():
         level = th.clusters_outline
         if level is not None and level < th.clusters_foreground:
-            clusters = grow_to_level(clusters, np.asarray(maps["clusters_foreground"]), level)
+            fg = np.asarray(maps["clusters_foreground"])
+            clusters = grow_to_level(clusters, fg, level, spacing=spacing)
         clusters = _attach_nuclei_to_clusters(out["nuclei"], clusters)
     return out["nuclei"], clusters
 
 
-def grow_to_level(labels: np.ndarray, probability: np.ndarray, level: float) -> np.ndarray:
+#: How far (µm) :func:`grow_to_level` grows a cluster beyond its outline at the split level: an
+#: outline correction, not a region grower (on the tuning fields 90 % of the grown pixels lay
+#: within 2 µm; the cap keeps a large uncertain region next to a cluster from joining it).
+OUTLINE_REACH_UM = 5.0
+
+
+def grow_to_level(
+    labels: np.ndarray,
+    probability: np.ndarray,
+    level: float,
+    *,
+    spacing: Sequence[float] | None = None,
+    max_um: float = OUTLINE_REACH_UM,
+) -> np.ndarray:
     """Grow ``labels`` into the pixels above ``level`` of ``probability`` that they connect to.
 
-    A watershed on the negative probability from the labels, inside ``probability > level``:
+    A watershed on the negative probability from the labels, inside ``probability > level`` and
+    within ``max_um`` (µm, with the pixel ``spacing``; default 1 µm per pixel) of the labels:
     each pixel joins the label it is reached from first, so neighbours meet where the probability
     is lowest. Pixels not connected to a label stay 0 (no new objects). Run one connected piece
     of the grown mask at a time (memory follows the largest piece, not the field).
     """
+    spacing = _spacing(spacing, labels.ndim)
     mask = (probability > level) | (labels > 0)
     pieces, _ = ndi.label(mask)
     out = labels.astype(np.int32, copy=True)
@@ -948,6 +964,7 @@ def grow_to_level(labels: np.ndarray, probability: np.ndarray, level: float) -> 
         seeds = np.where(inside, labels[sl], 0)
         if not seeds.any() or np.all(seeds[inside] > 0):
             continue
+        inside &= ndi.distance_transform_edt(seeds == 0, sampling=spacing) <= max_um
         grown = watershed(-np.asarray(probability[sl], np.float32), markers=seeds, mask=inside)
         out[sl][inside] = grown[inside]
     return out
