@@ -106,10 +106,11 @@ class Thresholds:
         distance cut off, not a cluster of its own. ``clusters_absorb_size`` 0 never joins.
     clusters_outline : float or None
         Clusters, found and split at ``clusters_foreground``, grow into the connected pixels
-        whose foreground probability is above this lower level (a watershed on the
-        probability): the level that splits touching clusters best lies inside the network's
-        own outline, and a cluster's outline decides its size and IEQ. ``None``: the
-        ``clusters_foreground`` outline.
+        whose foreground probability is above this lower level, at most 5 µm beyond their
+        outline (a watershed on the probability; :func:`grow_to_level
+        <islet_imaging.models._postprocess.grow_to_level>`): the level that splits touching
+        clusters best lies inside the network's own outline, and a cluster's outline decides
+        its size and IEQ. ``None``: the ``clusters_foreground`` outline.
     nuclei_min_section : float
         2D images of aggregate stages: the smallest nucleus kept, as a fraction of the stage's
         smallest nucleus diameter. Such an image is an optical section through a thick cluster,
