@@ -19,7 +19,12 @@ unmatched true objects; see :mod:`islet_imaging.metrics` for the empty-image con
 - at the lowest threshold ``t0`` only, why objects went unmatched
   (:func:`islet_imaging.metrics.error_kinds`): ``fn_missed@t0``, ``fn_split@t0``,
   ``fn_merged@t0``, ``fn_outline@t0`` (true objects) and ``fp_spurious@t0``, ``fp_merged@t0``,
-  ``fp_fragment@t0``, ``fp_outline@t0`` (predictions); they add up to ``fn@t0`` and ``fp@t0``.
+  ``fp_fragment@t0``, ``fp_outline@t0`` (predictions); they add up to ``fn@t0`` and ``fp@t0``;
+- at ``t0`` too, how far the sizes are off (:func:`islet_imaging.metrics.diameter_errors`: the
+  true objects away from the image edge that a prediction matches): ``n_sized``, the number of
+  such objects, ``diameter_bias``, the mean of ``d_pred / d_true − 1`` (equivalent diameters;
+  what moves totals such as IEQ), and ``diameter_error``, the mean of its absolute value
+  (``null`` when there is none).
 
 *Pooled* results add tp, fp, fn and matched-IoU sums over the images before taking the ratios
 (large images weigh more); *per-image* results are the same metrics of each image alone.
@@ -53,8 +58,8 @@ JSON schema (``--out``)
 
 ``<metrics>`` is a flat mapping: ``n_images``, ``n_true``, ``n_pred``, ``mean_ap`` and, for each
 threshold ``t`` written as ``f"{t:g}"`` (``0.5``, ``0.55``, ...), ``ap@t``, ``precision@t``,
-``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the error kinds at the lowest
-threshold (above). A kind that no image has truth for is absent from ``pooled``; ``by_stage``
+``recall@t``, ``f1@t``, ``pq@t``, ``tp@t``, ``fp@t``, ``fn@t``, and the error kinds and size
+figures at the lowest threshold (above). A kind that no image has truth for is absent from ``pooled``; ``by_stage``
 pools the images of each stage on their own. ``path`` is
 ``null`` for the classical baseline; ``seconds`` is the model's total segmentation time. The
 ``--csv`` table has one row per (data, image, model, kind) with the same columns as ``per_image``.
@@ -129,7 +134,9 @@ to the truth at IoU thresholds 0.5, 0.55, ..., 0.9, and print per object kind a 
 (tp / (tp + fp + fn)) at 0.5, 0.75 and 0.9, the mean AP over the thresholds, precision, recall,
 F1 and panoptic quality at 0.5, and object counts, pooled over the images; then, per model, why
 objects went unmatched at the lowest threshold: true objects missed, split, merged with another or
-loosely outlined, predictions spurious, merged, fragments or loose; and, when the images span
+loosely outlined, predictions spurious, merged, fragments or loose; how far the matched objects'
+diameters are off (bias: the mean signed error, what moves totals such as IEQ; and the mean
+absolute error); and, when the images span
 two or more stages, AP@0.5 of each stage on its own. With two or more models a difference row
 (model − first model) follows. --out writes everything (pooled, per stage and per image, every
 threshold) as JSON, --csv the per-image table.
@@ -299,6 +306,8 @@ class ImageScore:
     errors : dict of str to int
         Why objects went unmatched at the lowest threshold
         (:func:`islet_imaging.metrics.error_kinds`); empty when not computed.
+    sizes : tuple of float
+        :func:`islet_imaging.metrics.diameter_errors` at the lowest threshold.
     """
 
     data: str
@@ -309,6 +318,7 @@ class ImageScore:
     matchings: tuple[Matching, ...]
     seconds: float = 0.0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    sizes: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The record of ``per_image`` in the JSON output."""
@@ -321,11 +331,22 @@ class ImageScore:
             "seconds": round(self.seconds, 3),
             **score_matchings(self.matchings),
             **_error_columns(self.errors, self.matchings[0].threshold),
+            **_size_columns(self.sizes),
         }
 
 
 def _error_columns(errors: dict[str, int], threshold: float) -> dict[str, int]:
     return {f"{k}@{_key(threshold)}": int(v) for k, v in errors.items()}
+
+
+def _size_columns(sizes: Sequence[float]) -> dict[str, Any]:
+    """``n_sized``, ``diameter_bias`` and ``diameter_error`` (None without sized objects)."""
+    values = np.asarray(sizes, dtype=np.float64)
+    return {
+        "n_sized": int(values.size),
+        "diameter_bias": float(values.mean()) if values.size else None,
+        "diameter_error": float(np.abs(values).mean()) if values.size else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -409,8 +430,11 @@ class Evaluation:
             for kind in self.kinds():
                 pooled = self.pooled_matchings(model, kind, stage)
                 if pooled is not None:
-                    out[model][kind] = score_matchings(pooled) | _error_columns(
-                        self.pooled_errors(model, kind, stage), self.thresholds[0]
+                    sizes = [v for s in self._rows(model, kind, stage) for v in s.sizes]
+                    out[model][kind] = (
+                        score_matchings(pooled)
+                        | _error_columns(self.pooled_errors(model, kind, stage), self.thresholds[0])
+                        | _size_columns(sizes)
                     )
         return out
 
@@ -480,6 +504,15 @@ class Evaluation:
             fn = ", ".join(f"{e.get(f'fn_{k}', 0)} {k}" for k in FN_KINDS)
             fp = ", ".join(f"{e.get(f'fp_{k}', 0)} {k}" for k in FP_KINDS)
             lines.append(f"{m.ljust(width)}  unmatched at IoU {t}: true {fn}; predicted {fp}")
+        pooled = self.pooled()
+        for m in models:
+            size = pooled[m][kind]
+            if size["n_sized"]:
+                lines.append(
+                    f"{m.ljust(width)}  diameters of {size['n_sized']} matched objects away from "
+                    f"the edge: bias {100 * size['diameter_bias']:+.1f} %, mean |error| "
+                    f"{100 * size['diameter_error']:.1f} %"
+                )
         return lines
 
     def _stage_lines(
@@ -749,7 +782,7 @@ def evaluate_dataset(
         cannot be loaded (:class:`~islet_imaging.errors.ModelError`). Unreadable images and
         segmentation failures are *not* raised: they are recorded in ``Evaluation.failures``.
     """
-    from islet_imaging.metrics import error_kinds, match
+    from islet_imaging.metrics import diameter_errors, error_kinds, match
     from islet_imaging.models._dataset import load_entry
 
     ths = parse_thresholds(thresholds if not isinstance(thresholds, int | float) else [thresholds])
@@ -813,6 +846,7 @@ def evaluate_dataset(
                             matchings=_strip(match(true, pred, thresholds=ths)),
                             seconds=seconds,
                             errors=error_kinds(true, pred, threshold=ths[0]),
+                            sizes=tuple(diameter_errors(true, pred, threshold=ths[0])),
                         )
                     )
                 continue

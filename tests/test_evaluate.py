@@ -21,7 +21,7 @@ from islet_imaging.io import (
     write_labels,
     write_ome_tiff,
 )
-from islet_imaging.metrics import error_kinds, match
+from islet_imaging.metrics import diameter_errors, error_kinds, match
 from islet_imaging.segment import Labels
 
 # -- hand-made label pairs ------------------------------------------------------------------------
@@ -486,7 +486,9 @@ def test_cli_end_to_end_two_models(tmp_path: Path, capsys: pytest.CaptureFixture
         str(out),
     ]
     assert main(argv) == 0
-    assert "default − classical" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "default − classical" in printed
+    assert "matched objects away from the edge: bias" in printed
     d = json.loads(out.read_text())
     assert [m["name"] for m in d["models"]] == ["classical", "default"]
     assert len(d["per_image"]) == 4  # 1 image × 2 models × 2 kinds
@@ -506,6 +508,13 @@ def test_cli_end_to_end_two_models(tmp_path: Path, capsys: pytest.CaptureFixture
     lab = segment_field(fld, stage="S6", model="classical")
     direct = ev.score_pairs([(truth, lab.nuclei)])
     direct |= {f"{k}@0.5": v for k, v in error_kinds(truth, lab.nuclei, threshold=0.5).items()}
+    sizes = diameter_errors(truth, lab.nuclei)
+    direct |= {
+        "n_sized": sizes.size,
+        "diameter_bias": float(sizes.mean()),
+        "diameter_error": float(np.abs(sizes).mean()),
+    }
+    assert sizes.size > 10
     assert d["pooled"]["classical"]["nuclei"] == pytest.approx(direct)
     kinds = d["pooled"]["default"]["nuclei"]
     assert sum(v for k, v in kinds.items() if k.startswith("fn_")) == kinds["fn@0.5"]
