@@ -1043,8 +1043,9 @@ def tune_thresholds(
     :data:`TUNE_FOREGROUNDS` at the best seed level; then, on the images of aggregate stages
     (2D sections through aggregates), ``nuclei_min_section`` over :data:`TUNE_SECTIONS`, and
     ``clusters_outline`` over :data:`TUNE_OUTLINES` by the bias of the clusters' sizes
-    (:func:`_tune_outline`: the annotators' outlines decide where clusters end). The search uses up to ``max_images`` images spread over the set; the returned metrics are on the
-    whole set.
+    (:func:`_tune_outline`: the annotators' outlines decide where clusters end). The search
+    uses up to ``max_images`` images spread over the set; the returned metrics are on the whole
+    set.
 
     Returns
     -------
@@ -1189,7 +1190,7 @@ def _tune_outline(
     best = min(
         scores,
         key=lambda v: (
-            round(scores[v], 4),
+            math.inf if np.isnan(scores[v]) else round(scores[v], 4),
             v != current,
             -(start.clusters_foreground if v is None else v),
         ),
