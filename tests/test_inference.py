@@ -9,6 +9,7 @@ around the network (inputs, rescaling, tiling, 3D, post-processing, files), not 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -317,6 +318,41 @@ def test_resample_functions() -> None:
     out = resize_image(img, (15, 20))
     assert out.shape == (2, 15, 20)
     np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def test_probabilities_are_resized_in_logit_space() -> None:
+    """An edge from 0.01 to 0.99 between two pixel centres, enlarged 10×: the 0.3 level is
+    crossed where the logits cross it (0.41 of the way), not at 0.30 as the probabilities'
+    straight line would; 0.5 stays half-way; the same shape is returned as is."""
+    from islet_imaging.models.inference import resize_probabilities
+
+    edge = np.array([[0.01, 0.01, 0.99, 0.99]], np.float32)
+    logit = np.log(edge / (1 - edge))
+    up = resize_probabilities(edge, (1, 40))[0]
+    centres = (np.arange(40) + 0.5) / 10 - 0.5  # in the source pixels' coordinates
+    between = (centres > 1) & (centres < 2)
+    expected = 1 / (1 + np.exp(-np.interp(centres[between], [1, 2], logit[0, 1:3])))
+    np.testing.assert_allclose(up[between], expected, rtol=1e-5)
+    first_in = centres[between][np.argmax(up[between] > 0.3)]
+    assert 1.40 <= first_in <= 1.46  # 0.41 of the way, to the next 0.1 px sample
+    assert np.all(np.diff(up) >= 0) and 0 < up.min() and up.max() < 1
+    np.testing.assert_array_equal(resize_probabilities(edge, (1, 4)), edge)
+
+
+def test_low_levels_outline_resized_fields_as_at_the_models_pixels() -> None:
+    """The oracle's nuclear logits are 40 × image − 4: on a field at half its pixel size, the
+    0.2 level outlines what sigmoid(40 × image − 4) > 0.2 covers on the field's own grid, to
+    the blur of resizing the input (+2.7 %); maps resized as probabilities added another 4 %."""
+    cfg = dataclasses.replace(
+        ORACLE, thresholds=dataclasses.replace(ORACLE.thresholds, nuclei_foreground=0.2)
+    )
+    model = Model.from_network(oracle_network(), cfg, device="cpu")
+    fld, _ = field_2d(0.25)
+    img, _ = render((64.0, 64.0), CENTRES, 5.0, (0.25, 0.25))
+    expected = np.count_nonzero(1 / (1 + np.exp(-(40 * img - 4))) > 0.2)
+    nuclei = segment_cnn(fld, S0, model=model).nuclei
+    assert nuclei.max() == len(CENTRES)
+    assert 1.0 <= np.count_nonzero(nuclei) / expected < 1.045
 
 
 # -- tiling -------------------------------------------------------------------------------------
