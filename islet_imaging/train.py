@@ -1166,7 +1166,8 @@ def _tune_outline(
     """``clusters_outline`` over ``None`` and :data:`TUNE_OUTLINES` (the levels below the
     cluster foreground level) on the images with clusters: the smallest
     :func:`~islet_imaging.metrics.size_bias` of the matched clusters' diameters, per stage.
-    Ties (and no matched cluster away from the edge) keep the current value."""
+    Ties (within 0.1 %, and no matched cluster away from the edge) keep the current value, then
+    the higher level."""
     from islet_imaging.metrics import diameter_errors, size_bias
 
     keep = [i for i, it in enumerate(subset.images) if it.clusters is not None]
@@ -1190,7 +1191,7 @@ def _tune_outline(
     best = min(
         scores,
         key=lambda v: (
-            math.inf if np.isnan(scores[v]) else round(scores[v], 4),
+            math.inf if np.isnan(scores[v]) else round(scores[v], 3),  # 0.1 %: noise
             v != current,
             -(start.clusters_foreground if v is None else v),
         ),

@@ -274,7 +274,8 @@ def outline_search(cached: list[Cached], levels: list[float], model, base) -> di
     0.5: the relative error of its equivalent diameter
     (:func:`islet_imaging.metrics.diameter_errors`). Its mean per stage is that stage's bias
     (what moves a well's total IEQ); best: the smallest mean over the stages of the absolute
-    bias (:func:`islet_imaging.metrics.size_bias`; ties: the higher level). A level at or above
+    bias (:func:`islet_imaging.metrics.size_bias`; within 0.1 % of it, which is noise, the
+    higher level, the smaller change). A level at or above
     ``clusters_foreground`` is the foreground's own outline (``None``).
     """
     from islet_imaging.metrics import diameter_errors, match, pool_matchings, size_bias
@@ -305,7 +306,7 @@ def outline_search(cached: list[Cached], levels: list[float], model, base) -> di
             + " | ".join(cells)
             + f" | {100 * bias:.2f} % | {ap[0]:.3f} | {ap[1]:.3f} |"
         )
-    level = min(rows, key=lambda r: (round(r[2], 4), -r[0]))[0]
+    level = min(rows, key=lambda r: (round(r[2], 3), -r[0]))[0]  # ties: within 0.1 %
     best = {"clusters_outline": None if level >= fg else level}
     print(f"best: {best} (current {{'clusters_outline': {base.clusters_outline}}})")
     return best
