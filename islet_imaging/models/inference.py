@@ -479,9 +479,10 @@ def resize_probabilities(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     shape = (int(shape[0]), int(shape[1]))
     if tuple(maps.shape[-2:]) == shape:
         return maps
-    p = np.clip(maps, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
-    logits = resize_image(np.log(p) - np.log1p(-p), shape)
-    return np.reciprocal(1.0 + np.exp(-logits, out=logits), out=logits)
+    with torch.inference_mode():  # torch's kernels: several times numpy's speed here
+        logits = torch.logit(torch.from_numpy(np.ascontiguousarray(maps)), eps=_LOGIT_EPS)
+        resized = torch.from_numpy(resize_image(logits.numpy(), shape))
+        return torch.sigmoid_(resized).numpy()
 
 
 def resize_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
