@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from skimage.segmentation import expand_labels as _skimage_expand_labels
 
 from islet_imaging.errors import InputError
 from islet_imaging.measure._validate import as_intensity, as_labels, as_spacing, grouped_percentile
+
+if TYPE_CHECKING:
+    from islet_imaging.models._blocks import Block
 
 __all__ = [
     "BackgroundMethod",
@@ -377,24 +380,20 @@ def measure_cells(
     boxes = ndi.find_objects(nuc)
     starts = np.array([(-1, -1) if b is None else (b[1].start, b[2].start) for b in boxes])
     starts = starts.reshape(-1, 2)
-    extent = tuple(
-        max(b[axis].stop - b[axis].start for b in boxes if b is not None) if boxes else 0
-        for axis in (1, 2)
+    extent = max(
+        (max(b[1].stop - b[1].start, b[2].stop - b[2].start) for b in boxes if b is not None),
+        default=0,
     )
-    reach = [math.ceil(2 * cytoplasm_um / v) + 2 if needs_cyto else 0 for v in zyx[1:]]
+    reach = max(math.ceil(2 * cytoplasm_um / v) + 2 for v in zyx[1:]) if needs_cyto else 0
     jobs = []
-    for (y0, y1), (x0, x1) in _cores(nuc.shape, block):
+    for blk in _blocks(nuc.shape, block, halo=extent + reach):
+        (y0, y1), (x0, x1) = ((sl.start, sl.stop) for sl in blk.core)
         owned = np.zeros(len(boxes) + 1, dtype=bool)
         owned[1:] = (
             (starts[:, 0] >= y0) & (starts[:, 0] < y1) & (starts[:, 1] >= x0) & (starts[:, 1] < x1)
         )
         if owned.any():
-            window = (
-                slice(None),
-                slice(max(0, y0 - reach[0]), min(nuc.shape[1], y1 + extent[0] + reach[0])),
-                slice(max(0, x0 - reach[1]), min(nuc.shape[2], x1 + extent[1] + reach[1])),
-            )
-            jobs.append((window, owned))
+            jobs.append(((slice(None), *blk.window), owned))
     if not jobs:  # no nuclei: the columns, without rows
         jobs.append(((slice(None), slice(0, 1), slice(0, 1)), np.zeros(len(boxes) + 1, bool)))
     parts = [
@@ -417,16 +416,13 @@ def measure_cells(
     return table.sort_values("cell_id", kind="stable", ignore_index=True)
 
 
-def _cores(shape: tuple[int, ...], block: int | None) -> list[tuple[tuple[int, int], ...]]:
-    """The (y, x) ranges of the blocks that tile a (Z, Y, X) field (one block when ``None``)."""
+def _blocks(shape: tuple[int, ...], block: int | None, *, halo: int) -> list[Block]:
+    """The blocks that tile a (Z, Y, X) field (:func:`~islet_imaging.models._blocks.plan_blocks`,
+    as segmentation plans them; one block when ``None``), windows ``halo`` px around their cores."""
+    from islet_imaging.models._blocks import plan_blocks
+
     _, height, width = shape
-    step_y = height if block is None else block
-    step_x = width if block is None else block
-    return [
-        ((y0, min(height, y0 + step_y)), (x0, min(width, x0 + step_x)))
-        for y0 in range(0, height, max(step_y, 1))
-        for x0 in range(0, width, max(step_x, 1))
-    ]
+    return plan_blocks((height, width), max(height, width) if block is None else block, halo)
 
 
 def _cell_columns(
@@ -531,19 +527,16 @@ def _backgrounds(
         raise InputError(f"background method {method!r} is not one of 'ring', 'global', 'none'")
     rings = method == "ring" and n > 0
     # a voxel's ring label depends on the clusters within the ring's outer reach of it
-    reach = [math.ceil((ring_gap_um + ring_width_um) / v) + 1 if rings else 0 for v in spacing[1:]]
+    reach = (
+        max(math.ceil((ring_gap_um + ring_width_um) / v) + 1 for v in spacing[1:]) if rings else 0
+    )
     free_values = {name: _Values() for name in images}
     ring_values = {name: _Values() for name in images}
     n_free = 0
-    cores = _cores(clusters.shape, block)
-    for (y0, y1), (x0, x1) in cores:
-        wy0, wx0 = max(0, y0 - reach[0]), max(0, x0 - reach[1])
-        win = (
-            slice(None),
-            slice(wy0, min(clusters.shape[1], y1 + reach[0])),
-            slice(wx0, min(clusters.shape[2], x1 + reach[1])),
-        )
-        inner = (slice(None), slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+    blocks = _blocks(clusters.shape, block, halo=reach)
+    for blk in blocks:
+        win = (slice(None), *blk.window)
+        inner = (slice(None), *blk.core_in_window)
         clu = clusters[win].astype(np.int64, copy=False)
         free = clu == 0
         if nuclei is not None:
@@ -561,9 +554,8 @@ def _backgrounds(
         )
         free = free[inner]
         n_free += int(np.count_nonzero(free))
-        core = (slice(None), slice(y0, y1), slice(x0, x1))
         for name, img in images.items():
-            values = img[core]
+            values = img[(slice(None), *blk.core)]
             free_values[name].add(None, values[free])
             if ring is not None:
                 on_ring = ring > 0
@@ -574,8 +566,8 @@ def _backgrounds(
             field_value = free_values[name].percentiles(percentile, 1)[1]
         else:
             everything = _Values()
-            for (y0, y1), (x0, x1) in cores:
-                everything.add(None, img[:, y0:y1, x0:x1].ravel())
+            for blk in blocks:
+                everything.add(None, img[(slice(None), *blk.core)].ravel())
             field_value = everything.percentiles(fallback_percentile, 1)[1]
             log.debug(
                 "no background outside clusters; using the image's %g-th percentile",
