@@ -1171,6 +1171,8 @@ def _tune_outline(
     from islet_imaging.metrics import diameter_errors, size_bias
 
     keep = [i for i, it in enumerate(subset.images) if it.clusters is not None]
+    if not keep:
+        return start
     current = start.clusters_outline
     candidates = {None, current, *(v for v in TUNE_OUTLINES if v < start.clusters_foreground)}
 
@@ -1186,7 +1188,7 @@ def _tune_outline(
         return size_bias(errors)
 
     scores = {level: bias(level) for level in candidates}
-    if not keep or all(np.isnan(v) for v in scores.values()):
+    if all(np.isnan(v) for v in scores.values()):
         return start
     best = min(
         scores,
