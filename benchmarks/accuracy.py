@@ -96,10 +96,13 @@ def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
         if profile.cluster_kind == "aggregate":
             for i in range(args.n_3d):
                 jobs.append((profile, 9020 + i, args.z, 0.65, args.size_3d, "3D"))
+    z_step = args.z_step
     pairs: dict[tuple[str, str, str, str], list] = defaultdict(list)
     seconds: dict[tuple[str, str], float] = defaultdict(float)
     for profile, seed, z, px, size, kind in jobs:
-        s = generate_field(profile.name, seed=seed, size=size, z=z, pixel_size_um=px)
+        s = generate_field(
+            profile.name, seed=seed, size=size, z=z, z_step_um=z_step, pixel_size_um=px
+        )
         for method in args.methods:
             t0 = time.perf_counter()
             lab = _segment(s.field, profile.name, method)
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "--alt-pixel-size", type=float, default=0.45, help="µm/px of the scale-check fields"
     )
     p.add_argument("--n-3d", type=int, default=1, help="z-stacks per aggregate stage (S4-S6)")
-    p.add_argument("--z", type=int, default=5, help="planes per z-stack (2 µm apart)")
+    p.add_argument("--z", type=int, default=5, help="planes per z-stack")
+    p.add_argument("--z-step", type=float, default=2.0, help="µm between z-stack planes")
     p.add_argument("--size-3d", type=int, default=256, help="z-stack side (px)")
     p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
     p.add_argument(

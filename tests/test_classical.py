@@ -157,6 +157,18 @@ def test_small_objects_are_not_clusters() -> None:
     assert segment_clusters(fg, spacing=(1.0, 1.0), min_cluster_diameter_um=30.0).max() == 0
 
 
+def test_clusters_of_a_stack_thinner_than_them_are_kept() -> None:
+    # 3 planes 1 µm apart through a 60 µm disc: the stack sees 8.5e3 µm³ of it, less than the
+    # 1.4e4 µm³ of a whole 30 µm sphere, but more than the stack sees of one (2.1e3 µm³)
+    yy, xx = np.mgrid[:100, :100]
+    disc = (yy - 50) ** 2 + (xx - 50) ** 2 < 30**2
+    fg = np.repeat(disc[None], 3, axis=0)
+    clusters = segment_clusters(fg, spacing=(1.0, 1.0, 1.0), min_cluster_diameter_um=30.0)
+    assert clusters.max() == 1 and clusters[1, 50, 50] == 1
+    small = np.repeat(((yy - 50) ** 2 + (xx - 50) ** 2 < 10**2)[None], 3, axis=0)  # 20 µm
+    assert segment_clusters(small, spacing=(1.0, 1.0, 1.0), min_cluster_diameter_um=30.0).max() == 0
+
+
 def test_debris_is_removed() -> None:
     img, truth = _paint((80, 80), [(40, 40)], (6.0, 6.0))
     img[10:12, 10:12] += 3000.0  # a bright 2 px speck

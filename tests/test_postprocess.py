@@ -174,6 +174,32 @@ def test_object_size_range() -> None:
     assert lo == pytest.approx(math.pi / 4 * 2.0**2 / 0.25) and hi == math.inf
     lo3, _ = object_size_range((2.0, 4.0), (1.0, 0.5, 0.5))
     assert lo3 == pytest.approx(math.pi / 6 * 8 / 0.25)
+    # a stack at least as thick as the smallest object: the whole sphere
+    assert object_size_range((2.0, 4.0), (1.0, 0.5, 0.5), planes=2)[0] == pytest.approx(lo3)
+    # a thinner stack sees a slab of it: pi (r^2 T - T^3 / 12) for T = 1 plane x 0.5 µm
+    lo_thin, hi_thin = object_size_range((2.0, 4.0), (0.5, 0.5, 0.5), planes=1)
+    assert lo_thin == pytest.approx(math.pi * (1.0 * 0.5 - 0.5**3 / 12) / 0.125)
+    assert hi_thin == pytest.approx(math.pi / 6 * 64 / 0.125)  # the largest: whole, as before
+    # one very thin plane: the 2D floor (the smallest disc)
+    lo_flat, _ = object_size_range((2.0, None), (1e-4, 0.5, 0.5), planes=1)
+    assert lo_flat == pytest.approx(math.pi / 4 * 2.0**2 / 0.25, rel=1e-6)
+
+
+def test_clusters_of_a_stack_thinner_than_them_are_kept() -> None:
+    # three planes 1 µm apart through two 40 µm discs; the smallest cluster is 30 µm across: a
+    # 30 µm sphere holds 14137 µm³, the stack sees 3 x 1257 µm² = 3770 µm³ of each disc
+    yy, xx = np.mgrid[:120, :120]
+    disc = ((yy - 40) ** 2 + (xx - 40) ** 2 < 20**2) | ((yy - 80) ** 2 + (xx - 85) ** 2 < 20**2)
+    fg = np.repeat(disc[None], 3, axis=0).astype(np.float32)
+    maps = {"nuclei_foreground": np.zeros_like(fg), "clusters_foreground": fg}
+    kw = {"spacing": (1.0, 1.0, 1.0), "cluster_diameter_um": (30.0, None), "cluster_split": "none"}
+    _, clu = maps_to_instances(maps, **kw)
+    assert clu.max() == 2 and clu[1, 40, 40] != clu[1, 80, 85]
+    # a 2 µm fleck through the same stack is still too small
+    fleck = fg.copy()
+    fleck[:, 105:107, 10:12] = 1.0
+    _, clu = maps_to_instances({**maps, "clusters_foreground": fleck}, **kw)
+    assert clu.max() == 2 and clu[1, 105, 10] == 0
 
 
 def test_nuclei_attach_to_cluster_they_mostly_lie_in() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "maps_to_instances",
     "object_size_range",
     "shape_split_instances",
+    "sphere_volume_in_slab",
     "trim_end_planes",
 ]
 
@@ -60,8 +61,16 @@ SATURATED = 0.98
 def object_size_range(
     diameter_range_um: tuple[float | None, float | None],
     spacing: Sequence[float],
+    *,
+    planes: int | None = None,
 ) -> tuple[float, float]:
     """Size range in pixels (2D) or voxels (3D) of objects with these equivalent diameters.
+
+    In 3D the smallest size is what a stack of ``planes`` planes sees of the smallest object:
+    a sphere of the smallest diameter, cut to the stack's thickness (``planes`` × the z step)
+    when the stack is thinner than it (:func:`sphere_volume_in_slab`). So the objects of a
+    thin stack (a few planes through aggregates larger than the stack is thick) are not all
+    dropped as too small; for a single plane the floor is the 2D one (the smallest disc).
 
     Parameters
     ----------
@@ -69,18 +78,36 @@ def object_size_range(
         Smallest and largest equivalent diameter in µm (``None``: no bound).
     spacing : sequence of float
         µm per pixel along each axis, ``(y, x)`` or ``(z, y, x)``.
+    planes : int, optional
+        3D: the number of planes of the stack (default: a stack at least as thick as the
+        smallest object).
     """
     voxel = float(np.prod(spacing))
     lo, hi = diameter_range_um
+    thickness = None if planes is None or len(spacing) != 3 else planes * float(spacing[0])
 
-    def size(d: float | None, default: float) -> float:
+    def size(d: float | None, default: float, slab: float | None) -> float:
         if d is None:
             return default
         if len(spacing) == 3:
-            return math.pi / 6.0 * d**3 / voxel
+            return sphere_volume_in_slab(d, slab) / voxel
         return math.pi / 4.0 * d**2 / voxel
 
-    return size(lo, 0.0), size(hi, math.inf)
+    return size(lo, 0.0, thickness), size(hi, math.inf, None)
+
+
+def sphere_volume_in_slab(diameter: float, thickness: float | None = None) -> float:
+    """Volume of a sphere within a slab of this thickness centred on it (whole: ``None``).
+
+    ``π (r² T − T³ / 12)`` for a slab thinner than the sphere (``T < 2r``), else ``π d³ / 6``.
+
+    >>> round(sphere_volume_in_slab(2.0), 4), round(sphere_volume_in_slab(2.0, 0.001) / 0.001, 4)
+    (4.1888, 3.1416)
+    """
+    if thickness is None or thickness >= diameter:
+        return math.pi / 6.0 * diameter**3
+    r = 0.5 * diameter
+    return math.pi * (r * r * thickness - thickness**3 / 12.0)
 
 
 def instances_from_maps(
@@ -880,7 +907,7 @@ def maps_to_instances(
             out[cls_name] = np.zeros(shape, np.int32)
             continue
         t = th.for_class(cls_name, z_stack=ndim == 3 and shape[0] > 1)
-        lo, hi = object_size_range(diameters, spacing)
+        lo, hi = object_size_range(diameters, spacing, planes=shape[0] if ndim == 3 else None)
         if cls_name == "clusters" and cluster_split == "combined":
             # without a cap the distance map is per-object normalised, not in µm: shape alone
             dist = None if cluster_distance_cap_um is None else maps.get("clusters_distance")

@@ -47,6 +47,7 @@ from skimage.segmentation import watershed
 
 from islet_imaging.errors import EmptyImageWarning, InputError
 from islet_imaging.io import Field
+from islet_imaging.models._postprocess import object_size_range
 from islet_imaging.segment import CLASSICAL, Labels
 from islet_imaging.stages import StageProfile
 
@@ -269,19 +270,23 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _equivalent_diameters(labels: np.ndarray, voxel: float, ndim: int) -> np.ndarray:
-    """Equivalent diameter (µm) of each label 1..max; ``voxel`` is the area/volume of one pixel."""
-    counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1).astype(float) * voxel
-    if ndim == 2:
-        return np.sqrt(4.0 * counts / math.pi)
-    return np.cbrt(6.0 * counts / math.pi)
+def _sizes(
+    labels: np.ndarray, spacing: np.ndarray, lo_um: float, hi_um: float
+) -> tuple[np.ndarray, float, float]:
+    """Pixels of each label 0..max and the size range of equivalent diameters ``lo_um..hi_um``
+    (3D: as seen through this stack, :func:`~islet_imaging.models._postprocess.object_size_range`)."""
+    planes = labels.shape[0] if labels.ndim == 3 else None
+    lo, hi = object_size_range((lo_um, hi_um), tuple(spacing), planes=planes)
+    return np.bincount(labels.ravel(), minlength=int(labels.max()) + 1), lo, hi
 
 
-def _filter_sizes(labels: np.ndarray, voxel: float, lo_um: float, hi_um: float) -> np.ndarray:
+def _filter_sizes(
+    labels: np.ndarray, spacing: np.ndarray, lo_um: float, hi_um: float
+) -> np.ndarray:
     if labels.max() == 0:
         return labels
-    diam = _equivalent_diameters(labels, voxel, labels.ndim)
-    keep = (diam >= lo_um) & (diam <= hi_um)
+    counts, lo, hi = _sizes(labels, spacing, lo_um, hi_um)
+    keep = (counts >= lo) & (counts <= hi)
     keep[0] = False
     return np.where(keep[labels], labels, 0)
 
@@ -429,19 +434,18 @@ def segment_nuclei(
     thr = max(otsu * params.threshold_scale, floor)
     fg = smooth > thr
     fg = ndi.binary_fill_holes(fg) if img.ndim == 2 else _fill_holes_by_plane(fg)
-    voxel = float(np.prod(spacing_arr))
     comps, _ = ndi.label(fg)
-    comps = _filter_sizes(comps, voxel, lo_um, math.inf)
+    comps = _filter_sizes(comps, spacing_arr, lo_um, math.inf)
     fg = comps > 0
     if not fg.any():
         return empty, fg
     # what outlines clusters: objects of at least the smallest plausible nucleus size
-    cluster_fg = _filter_sizes(comps, voxel, lo_range, math.inf) > 0
+    cluster_fg = _filter_sizes(comps, spacing_arr, lo_range, math.inf) > 0
 
     markers, score = _nucleus_seeds(flat, fg, spacing_arr, d, params)
     labels = watershed(-score, markers, mask=fg)
     labels = _refine_objects(labels, smooth, params.object_fraction, params.object_quantile)
-    labels = _filter_sizes(labels, voxel, lo_um, params.max_diameter_factor * hi_um)
+    labels = _filter_sizes(labels, spacing_arr, lo_um, params.max_diameter_factor * hi_um)
     return _relabel_sequential(labels), cluster_fg
 
 
@@ -574,9 +578,8 @@ def segment_clusters(
     spacing_arr = np.asarray(spacing, dtype=float)
     fg = np.asarray(foreground, bool)
     fg = ndi.binary_fill_holes(fg) if fg.ndim == 2 else _fill_holes_by_plane(fg)
-    voxel = float(np.prod(spacing_arr))
     comps, _ = ndi.label(fg)
-    comps = _filter_sizes(comps, voxel, min_cluster_diameter_um, math.inf)
+    comps = _filter_sizes(comps, spacing_arr, min_cluster_diameter_um, math.inf)
     fg = comps > 0
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
@@ -585,11 +588,11 @@ def segment_clusters(
     else:
         clusters = _split_clusters(fg, spacing_arr, float(min_cluster_diameter_um), params)
         # fragments of a split that are themselves too small go back to their neighbour
-        clusters = _merge_small(clusters, voxel, min_cluster_diameter_um)
+        clusters = _merge_small(clusters, spacing_arr, min_cluster_diameter_um)
     if nuclei is not None:
         clusters = _assign_nuclei(clusters, np.asarray(nuclei), int(params.min_cluster_cells))
     clusters = _filter_sizes(
-        _relabel_sequential(clusters), voxel, min_cluster_diameter_um, math.inf
+        _relabel_sequential(clusters), spacing_arr, min_cluster_diameter_um, math.inf
     )
     return _relabel_sequential(clusters)
 
@@ -624,16 +627,16 @@ def _split_clusters(
     return watershed(-dist, markers, mask=fg)
 
 
-def _merge_small(clusters: np.ndarray, voxel: float, min_diameter_um: float) -> np.ndarray:
+def _merge_small(clusters: np.ndarray, spacing: np.ndarray, min_diameter_um: float) -> np.ndarray:
     """Merge watershed fragments below the minimum cluster size into the neighbour they touch most."""
     if clusters.max() == 0:
         return clusters
-    diam = _equivalent_diameters(clusters, voxel, clusters.ndim)
-    small = np.flatnonzero(diam[1:] < min_diameter_um) + 1
+    counts, lo, _ = _sizes(clusters, spacing, min_diameter_um, math.inf)
+    small = np.flatnonzero(counts[1:] < lo) + 1
     if small.size == 0:
         return clusters
     out = clusters.copy()
-    for lab in small[np.argsort(diam[small])]:
+    for lab in small[np.argsort(counts[small], kind="stable")]:
         region = out == lab
         ring = ndi.binary_dilation(region) & ~region
         neighbours = out[ring]
