@@ -135,6 +135,29 @@ def test_ball_volume_with_anisotropic_spacing() -> None:
     assert not bool(t.loc[0, "touches_border"]) and not bool(t.loc[0, "touches_z_border"])
 
 
+def test_ball_cut_by_the_stack_is_sized_by_its_projection() -> None:
+    # a 60 µm ball seen through a 10 µm slab around its equator (5 planes 2 µm apart)
+    spacing = (2.0, 0.5, 0.5)
+    zz, yy, xx = np.mgrid[:5, :160, :160]
+    zum, yum, xum = (zz - 2) * spacing[0], (yy - 80) * spacing[1], (xx - 80) * spacing[2]
+    slab = (zum**2 + yum**2 + xum**2 <= 30.0**2).astype(np.int32)
+    t = measure_clusters(slab, spacing=spacing)
+    assert bool(t.loc[0, "touches_z_border"])
+    # the volume is the slab's (a sphere of that volume would be 37 µm across) ...
+    slab_volume = math.pi * (30.0**2 * 10.0 - 10.0**3 / 12.0)
+    assert float(t.loc[0, "volume_um3"]) == pytest.approx(slab_volume, rel=0.03)
+    # ... but the size and IEQ are the ball's: its widest section, seen from above
+    assert float(t.loc[0, "equivalent_diameter_um"]) == pytest.approx(60.0, rel=0.01)
+    assert float(t.loc[0, "ieq"]) == pytest.approx((60.0 / 150.0) ** 3, rel=0.03)
+    # the same ball whole inside a deeper stack is sized by its volume, as before
+    zz, yy, xx = np.mgrid[:40, :160, :160]
+    zum, yum, xum = (zz - 20) * spacing[0], (yy - 80) * spacing[1], (xx - 80) * spacing[2]
+    whole = (zum**2 + yum**2 + xum**2 <= 30.0**2).astype(np.int32)
+    t = measure_clusters(whole, spacing=spacing, shape_features=False)
+    assert not bool(t.loc[0, "touches_z_border"])
+    assert float(t.loc[0, "equivalent_diameter_um"]) == pytest.approx(60.0, rel=0.01)
+
+
 def test_touches_border_2d_and_3d() -> None:
     lab = np.zeros((1, 50, 50), np.int32)
     lab[0, 0:5, 20:25] = 1  # top edge

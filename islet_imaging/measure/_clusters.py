@@ -162,7 +162,11 @@ def measure_clusters(
     -------
     pandas.DataFrame
         ``cluster_id`` (label value), ``n_voxels``, ``area_um2`` (2D; NaN in 3D), ``volume_um3``
-        (3D; NaN in 2D), ``equivalent_diameter_um`` (circle in 2D, sphere in 3D), ``feret_max_um``,
+        (3D; NaN in 2D; of a cluster cut by the first or last plane, the part inside the stack),
+        ``equivalent_diameter_um`` (circle in 2D, sphere in 3D; in 3D, a cluster cut by the first
+        or last plane is the circle of its projected outline, the union of its planes: a stack
+        thinner than an aggregate holds only a slab of it, whose volume would make it look far
+        smaller — exact when the stack holds the aggregate's widest section), ``feret_max_um``,
         ``feret_min_um``, ``circularity`` (2D: 4πA/P²; 3D: sphericity), ``solidity``,
         ``centroid_z``/``_y``/``_x`` (voxels), ``touches_border`` (a voxel in the first or last
         row or column of the field, any plane), ``touches_z_border`` (3D: a voxel in the first or last
@@ -199,7 +203,13 @@ def measure_clusters(
         row: dict[str, object] = {"cluster_id": label, "n_voxels": int(nvox)}
         if is_3d:
             volume = nvox * zyx[0] * zyx[1] * zyx[2]
-            d = float(np.cbrt(6.0 * volume / np.pi))
+            if touches_z:
+                # cut by the stack's first or last plane: its volume is only the stack's slab
+                # of it, so its size is that of its outline seen from above (the projection)
+                projected = float(np.count_nonzero(crop.any(axis=0))) * zyx[1] * zyx[2]
+                d = float(np.sqrt(4.0 * projected / np.pi))
+            else:
+                d = float(np.cbrt(6.0 * volume / np.pi))
             row.update(area_um2=np.nan, volume_um3=volume, equivalent_diameter_um=d)
         else:
             area = nvox * zyx[1] * zyx[2]

@@ -363,25 +363,31 @@ def cluster_table(
         ``cluster_id``, ``area_um2`` (2D) or ``volume_um3`` (3D), ``equivalent_diameter_um``,
         ``touches_border`` (the cluster reaches the first or last row or column of the image, in any
         plane), ``touches_z_border`` (it reaches the first or last plane of a z-stack; always False
-        in 2D), ``n_cells`` and the centroid ``z, y, x`` in voxels.
+        in 2D), ``n_cells`` and the centroid ``z, y, x`` in voxels. Sizes, border contact and
+        centroids are those :func:`islet_imaging.measure.measure_clusters` measures from the
+        true labels (in a z-stack, a cluster cut by the first or last plane is sized by its
+        projected outline).
     """
+    from islet_imaging.measure._clusters import measure_clusters
+
     m = int(clusters.max()) if clusters.size else 0
-    stats = _label_stats(clusters, m, spacing)
+    t = measure_clusters(clusters, spacing=spacing, shape_features=False)
+    t = t.set_index("cluster_id").reindex(np.arange(1, m + 1))
     n_nuclei = int(nuclei.max()) if nuclei.size else 0
     owner = _majority_cluster(nuclei, clusters, n_nuclei)
     n_cells = np.bincount(owner, minlength=m + 1)[1 : m + 1]
-    size_key = "volume_um3" if "volume_um3" in stats else "area_um2"
+    size_key = "volume_um3" if clusters.shape[0] > 1 else "area_um2"
     df = pd.DataFrame(
         {
             "cluster_id": np.arange(1, m + 1, dtype=np.int32),
-            size_key: stats[size_key],
-            "equivalent_diameter_um": stats["equivalent_diameter_um"],
-            "touches_border": stats["touches_border"],
-            "touches_z_border": stats["touches_z_border"],
+            size_key: t[size_key].to_numpy(float),
+            "equivalent_diameter_um": t["equivalent_diameter_um"].to_numpy(float),
+            "touches_border": t["touches_border"].fillna(False).to_numpy(bool),
+            "touches_z_border": t["touches_z_border"].fillna(False).to_numpy(bool),
             "n_cells": n_cells.astype(np.int64),
-            "z": stats["z"],
-            "y": stats["y"],
-            "x": stats["x"],
+            "z": t["centroid_z"].to_numpy(float),
+            "y": t["centroid_y"].to_numpy(float),
+            "x": t["centroid_x"].to_numpy(float),
         }
     )
     return df
