@@ -17,6 +17,7 @@ __all__ = [
     "EmptyImageWarning",
     "ImageReadError",
     "InputError",
+    "MissingZStepWarning",
     "ModelError",
     "SmallImageWarning",
     "StageError",
@@ -63,6 +64,10 @@ class SmallImageWarning(UserWarning):
 
 class CoarseImageWarning(UserWarning):
     """The image is sampled more coarsely than the CNN was trained and validated for."""
+
+
+class MissingZStepWarning(UserWarning):
+    """A z-stack without a z step: its planes are taken as far apart as its pixels."""
 
 
 @contextlib.contextmanager

@@ -738,6 +738,7 @@ def evaluate_dataset(
     stages_file: str | Path | None = None,
     device: str | None = None,
     pixel_size: float | None = None,
+    z_step: float | None = None,
     nucleus_diameter: float | None = None,
     channel_names: Sequence[str] | None = None,
     progress: bool = False,
@@ -761,6 +762,8 @@ def evaluate_dataset(
         ``"cpu"`` or ``"cuda"`` for CNN models; default CUDA when available.
     pixel_size : float, optional
         x = y pixel size in µm for every image (overrides metadata.csv and the files).
+    z_step : float, optional
+        µm between the planes of z-stacks (overrides metadata.csv and the files).
     nucleus_diameter : float, optional
         Typical nucleus diameter: µm for images with a pixel size, pixels for images without.
         Without it, for images without pixel size the CNN estimates it and the classical
@@ -809,6 +812,8 @@ def evaluate_dataset(
     ):
         if pixel_size is not None:
             entry = dataclasses.replace(entry, pixel_size_um=float(pixel_size))
+        if z_step is not None:
+            entry = dataclasses.replace(entry, z_step_um=float(z_step))
         if channel_names is not None:
             entry = dataclasses.replace(entry, channel_names=tuple(channel_names))
         try:
@@ -967,6 +972,7 @@ def run(args: argparse.Namespace) -> int:
         stages_file=args.stages,
         device=args.device,
         pixel_size=args.pixel_size,
+        z_step=args.z_step,
         nucleus_diameter=args.nucleus_diameter,
         channel_names=split_channel_names(args.channel_names),
         progress=True,

@@ -33,6 +33,7 @@ from islet_imaging.errors import (
     CoarseImageWarning,
     EmptyImageWarning,
     InputError,
+    MissingZStepWarning,
     SmallImageWarning,
     logged_warnings,
 )
@@ -76,6 +77,7 @@ WARNING_FLAGS: dict[type[Warning], str] = {
     EmptyImageWarning: "empty_image",
     SmallImageWarning: "small_image",
     CoarseImageWarning: "coarse_image",
+    MissingZStepWarning: "no_z_step",
 }
 
 #: The segmentation model ``score`` uses when none is given (one place to change it): the shipped
@@ -359,6 +361,7 @@ def score_image(
     plate: str | None = None,
     channel_names: Sequence[str] | None = None,
     pixel_size: float | None = None,
+    z_step: float | None = None,
     labels_dir: Path | None = None,
     overwrite: bool = False,
 ) -> list[FieldResult]:
@@ -375,6 +378,8 @@ def score_image(
         kwargs["channel_names"] = tuple(channel_names)
     if pixel_size is not None:
         kwargs["pixel_size"] = pixel_size
+    if z_step is not None:
+        kwargs["z_step"] = z_step
     fields = read_fields(path, **kwargs)
     results = []
     for fld in fields:
@@ -698,6 +703,7 @@ def score_path(
     plate_map: PlateMap | None = None,
     channel_names: Sequence[str] | None = None,
     pixel_size: float | None = None,
+    z_step: float | None = None,
     save_labels: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -742,6 +748,7 @@ def score_path(
                     plate=plate,
                     channel_names=channel_names,
                     pixel_size=pixel_size,
+                    z_step=z_step,
                     labels_dir=labels_dir,
                     overwrite=overwrite,
                 )

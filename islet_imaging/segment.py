@@ -6,12 +6,13 @@ CNN (:mod:`islet_imaging.models`) sit behind the same function and return the sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from islet_imaging.errors import InputError
+from islet_imaging.errors import InputError, MissingZStepWarning
 from islet_imaging.io import Field
 from islet_imaging.stages import StageProfile, get_stage
 
@@ -113,3 +114,23 @@ def segment_field(
         return_probabilities=return_probabilities,
         augment=augment,
     )
+
+
+def warn_missing_z_step(field: Field) -> None:
+    """Warn (:class:`~islet_imaging.errors.MissingZStepWarning`) for a z-stack without a z step.
+
+    Its planes are then taken as one pixel apart (:attr:`PixelSize.zyx
+    <islet_imaging.io.PixelSize.zyx>`), which is rarely true of a microscope's z-stack.
+    """
+    size = field.pixel_size
+    if field.shape[1] > 1 and size is not None and size.z is None:
+        warnings.warn(
+            MissingZStepWarning(
+                f"{field.origin.path or field.name}: a z-stack of {field.shape[1]} planes without a "
+                "z step; its planes "
+                f"are taken as {size.x:g} µm apart (the pixel size), which sets the objects' "
+                "volumes and sizes and how touching ones are split in 3D. Give the z step "
+                "(--z-step UM; in Python read_field(..., z_step=UM))"
+            ),
+            stacklevel=3,
+        )

@@ -485,6 +485,29 @@ def oracle_dir(tmp_path: Path) -> Path:
     return save_model(tmp_path / "oracle", oracle_network(), ORACLE)
 
 
+def test_segment_cli_z_step(
+    tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fld, _ = field_2d(0.5)
+    stack = np.repeat(fld.data, 3, axis=1)  # 3 planes, no z step in the file
+    img = write_ome_tiff(
+        tmp_path / "in" / "A01_f1.ome.tif", Field(stack, ("DAPI",), fld.pixel_size)
+    )
+    out = tmp_path / "out"
+    argv = ["segment", str(img), "--out", str(out), "--model", str(oracle_dir), "--stage", "S0"]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "A01_f1.ome.tif: a z-stack of 3 planes without a z step" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--overwrite", "--z-step", "2"]) == 0
+    assert "z step" not in caplog.text
+    from islet_imaging.io import read_field
+
+    back = read_field(out / "A01_f1_nuclei.tif")
+    assert back.pixel_size is not None and back.pixel_size.z == 2.0
+
+
 def test_segment_cli(tmp_path: Path, oracle_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     fld, truth = field_2d(0.5)
     img = write_ome_tiff(

@@ -519,6 +519,25 @@ def test_bad_pixel_size_given(tmp_path: Path, bad) -> None:
         read_field(out, pixel_size=bad)
 
 
+def test_z_step_given(tmp_path: Path) -> None:
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, _ramp((3, 6, 7)), imagej=True, metadata={"axes": "ZYX"})
+    assert read_field(stack, pixel_size=0.5).pixel_size == PixelSize(0.5, 0.5, None)
+    back = read_field(stack, pixel_size=0.5, z_step=2.0)
+    assert back.pixel_size == PixelSize(0.5, 0.5, 2.0)
+    # the file's lateral pixel size is kept
+    out = write_ome_tiff(tmp_path / "f.ome.tif", _field(shape=(2, 3, 6, 7), ps=PixelSize(0.4, 0.4)))
+    assert read_field(out, z_step=1.5).pixel_size == PixelSize(0.4, 0.4, 1.5)
+    # a single plane has no z step to set
+    flat = write_ome_tiff(tmp_path / "p.ome.tif", _field(ps=PixelSize(0.4, 0.4)))
+    assert read_field(flat, z_step=1.5).pixel_size == PixelSize(0.4, 0.4, None)
+    with pytest.raises(InputError, match=r"s\.tif: a z step needs the lateral pixel size"):
+        read_field(stack, z_step=2.0)
+    for bad in (0.0, -1.0, float("nan"), "abc"):
+        with pytest.raises(InputError, match=r"s\.tif: z step .* must be a positive number"):
+            read_field(stack, pixel_size=0.5, z_step=bad)  # type: ignore[arg-type]
+
+
 def test_absent_pixel_size_where_required(tmp_path: Path) -> None:
     out = write_ome_tiff(tmp_path / "nops.ome.tif", _field(ps=None))
     back = read_field(out)

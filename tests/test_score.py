@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ import pandas as pd
 import pytest
 
 from islet_imaging.cli import main
-from islet_imaging.errors import InputError
-from islet_imaging.io import Field, read_labels, write_ome_tiff
+from islet_imaging.errors import InputError, MissingZStepWarning
+from islet_imaging.io import Field, read_field, read_labels, write_ome_tiff
 from islet_imaging.measure import compare_field, population_names
 from islet_imaging.score import DEFAULT_MODEL, ScoreOptions, finalize, measure_field
-from islet_imaging.segment import Labels
+from islet_imaging.segment import Labels, segment_field
 from islet_imaging.stages import get_stage, list_stages
 
 synth = pytest.importorskip("islet_imaging.synth")
@@ -280,6 +281,24 @@ def test_cli_records_failures_and_goes_on(tmp_path: Path) -> None:
     failures = pd.read_csv(out / "failures.csv")
     assert failures["image"].tolist() == ["B04_f2.ome.tif"]
     assert len(pd.read_csv(out / "fields.csv")) == 3
+
+
+def test_z_stack_without_a_z_step_is_flagged_and_z_step_given(tmp_path: Path) -> None:
+    s = synth.generate_field("S6", seed=9110, size=96, z=3, z_step_um=2.0)
+    f = s.field
+    assert f.pixel_size is not None
+    stack = tmp_path / "in" / "B03_f1.ome.tif"  # the z step lost, as in many exported TIFFs
+    write_ome_tiff(stack, Field(f.data, f.channel_names, replace(f.pixel_size, z=None)))
+    out = tmp_path / "out"
+    argv = ["-q", "score", str(stack), "--stage", "S6", "--model", "classical", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    row = pd.read_csv(out / "fields.csv").iloc[0]
+    assert "no_z_step" in row["flags"] and math.isnan(row["z_step_um"])
+    assert main([*argv, "--out", str(out), "--overwrite", "--z-step", "2"]) == 0
+    row = pd.read_csv(out / "fields.csv").iloc[0]
+    assert "no_z_step" not in str(row["flags"]) and row["z_step_um"] == 2.0
+    with pytest.warns(MissingZStepWarning, match=r"B03_f1\.ome\.tif: a z-stack of 3 planes"):
+        segment_field(read_field(stack), stage="S6", model="classical")
 
 
 def test_cli_stage_is_required_and_fixed_thresholds(tmp_path: Path) -> None:

@@ -140,6 +140,20 @@ def test_load_entry_reads_field_and_exact_labels(tmp_path: Path) -> None:
     assert loaded.stage == "S6"
 
 
+def test_load_entry_z_step_with_the_files_pixel_size(tmp_path: Path) -> None:
+    data, _, _ = _tiny_image(0)
+    stack = np.repeat(data, 3, axis=1)  # a z-stack whose file has no z step
+    write_ome_tiff(
+        tmp_path / "ds" / "images" / "A01_f1.ome.tif",
+        Field(stack, ("DAPI", "INS"), PixelSize(0.5, 0.5)),
+    )
+    entry = scan_dataset(tmp_path / "ds", require_labels=False)[0]
+    assert load_entry(entry).field.pixel_size == PixelSize(0.5, 0.5, None)
+    # metadata.csv (or evaluate --z-step) gives the z step alone: the file's x and y are kept
+    entry = dataclasses.replace(entry, z_step_um=2.0)
+    assert load_entry(entry).field.pixel_size == PixelSize(0.5, 0.5, 2.0)
+
+
 def test_not_a_dataset_directory(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a dataset directory"):
         scan_dataset(tmp_path)

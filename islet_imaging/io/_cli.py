@@ -60,6 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="UM",
         help="x = y pixel size in µm for files that lack it",
     )
+    add_z_step_option(parser)
+
+
+def add_z_step_option(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--z-step UM``: the plane spacing of z-stacks (overrides the file's)."""
+    group.add_argument(
+        "--z-step",
+        type=float,
+        metavar="UM",
+        help="µm between the planes of z-stacks (overrides the file's; many exported TIFFs lack "
+        "it, and without it planes are taken as one pixel apart)",
+    )
 
 
 def _fmt_um(value: float | None) -> str:
@@ -101,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
         for file in files:
             try:
                 fields = read_fields(
-                    file, channel_names=args.channel_names, pixel_size=args.pixel_size
+                    file,
+                    channel_names=args.channel_names,
+                    pixel_size=args.pixel_size,
+                    z_step=args.z_step,
                 )
             except InputError as exc:
                 if not is_folder:

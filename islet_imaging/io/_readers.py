@@ -34,6 +34,7 @@ Every problem with a file raises :class:`~islet_imaging.errors.ImageReadError` (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -119,6 +120,7 @@ def read_field(
     *,
     channel_names: Sequence[str] | str | None = None,
     pixel_size: PixelSize | float | Sequence[float] | None = None,
+    z_step: float | None = None,
     series: int = 0,
     stage: str | None = None,
     plate: str | None = None,
@@ -139,6 +141,10 @@ def read_field(
         Pixel size in µm, overriding the file's: a float sets x = y (z is kept from the file); a
         tuple follows the array axes like scikit-image's ``spacing``: ``(y, x)`` or ``(z, y, x)``.
         Without it, the file's pixel size is used, or ``None`` when the file has none.
+    z_step : float, optional
+        µm between the planes of a z-stack, overriding the file's (most TIFFs from a microscope's
+        export lack it); needs a lateral pixel size from the file or ``pixel_size``. Ignored for
+        a single plane.
     series : int, optional
         Which image of a multi-image file to read (0-based).
     stage, plate, well, field : optional
@@ -174,6 +180,7 @@ def read_field(
         src,
         channel_names=channel_names,
         pixel_size=pixel_size,
+        z_step=z_step,
         stage=stage,
         plate=plate,
         well=well,
@@ -187,6 +194,7 @@ def read_fields(
     *,
     channel_names: Sequence[str] | str | None = None,
     pixel_size: PixelSize | float | Sequence[float] | None = None,
+    z_step: float | None = None,
     stage: str | None = None,
     plate: str | None = None,
     well: str | None = None,
@@ -209,6 +217,7 @@ def read_fields(
             src,
             channel_names=channel_names,
             pixel_size=pixel_size,
+            z_step=z_step,
             stage=stage,
             plate=plate,
             well=well,
@@ -809,6 +818,7 @@ def _to_field(
     *,
     channel_names: Sequence[str] | str | None,
     pixel_size: PixelSize | float | Sequence[float] | None,
+    z_step: float | None,
     stage: str | None,
     plate: str | None,
     well: str | None,
@@ -852,6 +862,8 @@ def _to_field(
     n_channels = czyx.shape[0]
     names = _channel_names(given_names, raw.channel_names, n_channels, src)
     size = _pixel_size(pixel_size, raw.spacing_um, src)
+    if z_step is not None and czyx.shape[1] > 1:
+        size = _with_z_step(size, z_step, src)
     origin = _origin(raw, src, stage=stage, plate=plate, well=well, field=field)
     metadata = {"format": raw.fmt, "axes": file_axes, **raw.metadata}
     if raw.n_series > 1:
@@ -1010,6 +1022,23 @@ def _pixel_size(
         return PixelSize(float(x), float(y), file_z)  # type: ignore[arg-type]
     except InputError:
         return None
+
+
+def _with_z_step(size: PixelSize | None, z_step: float, src: Path) -> PixelSize:
+    """``size`` with the z step ``z_step`` (µm) of a z-stack."""
+    try:
+        z = float(z_step)
+    except (TypeError, ValueError):
+        z = math.nan
+    if not (math.isfinite(z) and z > 0):
+        raise InputError(f"z step {z_step!r} must be a positive number of µm", src)
+    if size is None:
+        raise InputError(
+            "a z step needs the lateral pixel size too, and the file has none; give both "
+            "(e.g. --pixel-size 0.65 --z-step 2)",
+            src,
+        )
+    return dataclasses.replace(size, z=z)
 
 
 def _is_sequence(value: Any) -> bool:

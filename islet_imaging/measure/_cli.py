@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from islet_imaging.errors import InputError
+from islet_imaging.io._cli import add_z_step_option
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="UM",
         help="x = y pixel size in µm for files that lack it",
     )
+    add_z_step_option(inp)
     inp.add_argument(
         "--channel-names",
         metavar="A,B,C",
@@ -176,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         plate_map=plate_map,
         channel_names=names,
         pixel_size=args.pixel_size,
+        z_step=args.z_step,
         save_labels=args.save_labels,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from islet_imaging.errors import InputError, logged_warnings
+from islet_imaging.io._cli import add_z_step_option
 from islet_imaging.models._blocks import BLOCK_PX
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ Examples:
 
 
 def add_image_overrides(group: argparse._ArgumentGroup, *, source: str) -> None:
-    """``--stages``, ``--channel-names``, ``--pixel-size``, ``--nucleus-diameter``.
+    """``--stages``, ``--channel-names``, ``--pixel-size``, ``--z-step``, ``--nucleus-diameter``.
 
     Shared by the commands that segment images (``segment``, ``evaluate``); ``source`` names
     what the options override (e.g. ``"the file's"``).
@@ -62,6 +63,7 @@ def add_image_overrides(group: argparse._ArgumentGroup, *, source: str) -> None:
         metavar="UM",
         help=f"x = y pixel size in µm (overrides {source})",
     )
+    add_z_step_option(group)
     group.add_argument(
         "--nucleus-diameter",
         type=float,
@@ -195,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
     for path in tqdm(images, desc="segment", unit="image", disable=None):
         try:
-            fields = read_fields(path, channel_names=names, pixel_size=args.pixel_size)
+            fields = read_fields(
+                path, channel_names=names, pixel_size=args.pixel_size, z_step=args.z_step
+            )
         except InputError as exc:
             log.error("%s", exc)
             failed.append((str(path), exc.reason))

@@ -380,7 +380,12 @@ def load_entry(
     pixel_size = None
     if entry.pixel_size_um is not None:
         pixel_size = PixelSize(entry.pixel_size_um, entry.pixel_size_um, entry.z_step_um)
-    fld = read_field(entry.image, channel_names=entry.channel_names, pixel_size=pixel_size)
+    fld = read_field(
+        entry.image,
+        channel_names=entry.channel_names,
+        pixel_size=pixel_size,
+        z_step=entry.z_step_um if pixel_size is None else None,
+    )
     labels: dict[str, np.ndarray | None] = {}
     for kind in LABEL_KINDS:
         path = getattr(entry, kind)

@@ -48,7 +48,7 @@ from skimage.segmentation import watershed
 from islet_imaging.errors import EmptyImageWarning, InputError
 from islet_imaging.io import Field
 from islet_imaging.models._postprocess import object_size_range
-from islet_imaging.segment import CLASSICAL, Labels
+from islet_imaging.segment import CLASSICAL, Labels, warn_missing_z_step
 from islet_imaging.stages import StageProfile
 
 __all__ = [
@@ -746,7 +746,10 @@ def segment_classical(
     -----
     EmptyImageWarning
         For a blank, constant or saturated nuclear channel (labels are then empty).
+    MissingZStepWarning
+        For a z-stack without a z step.
     """
+    warn_missing_z_step(field)
     channels = profile.match_channels(field.channel_names)
     if "nuclear" not in channels:
         raise InputError(

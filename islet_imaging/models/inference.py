@@ -1063,12 +1063,15 @@ def segment_cnn(
     -----
     EmptyImageWarning
         When the nuclear channel is constant (all zero or saturated); the labels are empty.
+    MissingZStepWarning
+        For a z-stack without a z step.
     """
-    from islet_imaging.segment import Labels
+    from islet_imaging.segment import Labels, warn_missing_z_step
 
     mdl = load_model(model, device=device)
     cfg = mdl.config
     _check_field(field)
+    warn_missing_z_step(field)
     if block is not None and block < MIN_SIZE_PX:
         raise InputError(f"block {block} px is smaller than the {MIN_SIZE_PX} px the CNN needs")
     if not block_halo_um >= 0:
