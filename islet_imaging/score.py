@@ -245,14 +245,9 @@ def resolve_stage(
 
 
 def _marker_channels(field: Field, profile: StageProfile) -> dict[str, int]:
+    profile.nuclear_channel(field.channel_names, field.origin.path)
     mapping = profile.match_channels(field.channel_names)
     missing = [m for m in profile.marker_names if m not in mapping]
-    if "nuclear" not in mapping:
-        raise InputError(
-            f"no nuclear stain channel among {list(field.channel_names)}; name it DAPI "
-            "(--channel-names DAPI,...)",
-            field.origin.path,
-        )
     if missing:
         raise InputError(
             f"marker(s) {missing} of stage {profile.name!r} are missing from this image "

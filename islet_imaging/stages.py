@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from islet_imaging.errors import StageError
+from islet_imaging.errors import InputError, StageError
 
 __all__ = [
     "BUILTIN_STAGES",
@@ -456,7 +456,8 @@ class StageProfile:
         dict of str to int
             ``{canonical name: index}``; the nuclear stain is under ``"nuclear"``. The first
             matching channel wins. Markers whose channel is absent are left out; callers decide
-            whether that is an error.
+            whether that is an error. An image of one unnamed channel (``C0``, as the readers
+            call it: a nuclear stain saved without its name) is the nuclear stain.
         """
         out: dict[str, int] = {}
         for i, ch in enumerate(channel_names):
@@ -467,7 +468,27 @@ class StageProfile:
                 if m.matches(ch):
                     out.setdefault(m.name, i)
                     break
+        if len(channel_names) == 1 and not out and re.fullmatch(r"C\d+", channel_names[0]):
+            out["nuclear"] = 0  # one unnamed channel (the readers call it C0)
         return out
+
+    def nuclear_channel(self, channel_names: Sequence[str], where: object = None) -> int:
+        """Index of the nuclear stain channel (:meth:`match_channels`).
+
+        Raises
+        ------
+        InputError
+            Naming ``where`` (the image) when no channel is the nuclear stain.
+        """
+        matched = self.match_channels(channel_names)
+        if "nuclear" not in matched:
+            raise InputError(
+                f"no nuclear stain channel among {list(channel_names)}; name it "
+                f"{self.nuclear_stain!r} or one of {list(NUCLEAR_STAIN_ALIASES)} with "
+                "--channel-names (e.g. DAPI,INS)",
+                where,  # type: ignore[arg-type]
+            )
+        return matched["nuclear"]
 
 
 def _m(name: str, compartment: Compartment, *aliases: str, description: str = "") -> Marker:

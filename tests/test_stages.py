@@ -200,6 +200,17 @@ def test_match_channels_aliases():
     }
 
 
+def test_one_unnamed_channel_is_the_nuclear_stain(tmp_path: Path) -> None:
+    s0 = get_stage("S0")
+    assert s0.match_channels(["C0"]) == {"nuclear": 0}
+    assert s0.nuclear_channel(["C0"]) == 0
+    for names in (["INS"], ["C0", "C1"], ["OCT4"]):  # named, or more than one channel
+        assert "nuclear" not in s0.match_channels(names)
+        with pytest.raises(InputError, match=r"img\.tif: no nuclear stain channel among"):
+            s0.nuclear_channel(names, tmp_path / "img.tif")
+    assert s0.match_channels(["OCT4"]) == {"OCT4": 0}
+
+
 def test_marker_lookup_by_alias_and_error():
     s6 = get_stage("S6")
     assert s6.marker("c-peptide").name == "INS"

@@ -34,6 +34,9 @@ The CNN rescales each image to the pixel size it was trained at, so the pixel si
 from the file, from --pixel-size, or — for images without one — from --nucleus-diameter (typical
 nucleus diameter in pixels). Without either it is estimated from the image, with a warning.
 
+The nuclear stain is the channel named DAPI, Hoechst, DNA, ... (--channel-names names them); an
+image of one unnamed channel is taken as the nuclear stain.
+
 Existing outputs are never replaced without --overwrite. Images that fail are logged and listed at
 the end. Exit code: 0 if every image was segmented, 1 if any failed, 2 for bad options.
 

@@ -750,13 +750,7 @@ def segment_classical(
         For a z-stack without a z step.
     """
     warn_missing_z_step(field)
-    channels = profile.match_channels(field.channel_names)
-    if "nuclear" not in channels:
-        raise InputError(
-            f"no nuclear stain channel among {list(field.channel_names)}; name it "
-            f"{profile.nuclear_stain!r} (or Hoechst/DNA) with --channel-names",
-            field.origin.path,
-        )
+    nuclear = profile.nuclear_channel(field.channel_names, field.origin.path)
     spacing3 = np.asarray(_spacing(field, nucleus_diameter_um), dtype=float)
     typical = typical_nucleus_diameter(profile)
     lo, hi = profile.nucleus_diameter_um
@@ -776,7 +770,7 @@ def segment_classical(
         d_um = typical
     is_3d = field.is_3d
     spacing = spacing3 if is_3d else spacing3[1:]
-    image = field.data[channels["nuclear"]]
+    image = field.data[nuclear]
     if not is_3d:
         image = image[0]
     with warnings.catch_warnings(record=True) as caught:

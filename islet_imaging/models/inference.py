@@ -186,20 +186,6 @@ def normalise_channel(
     return out
 
 
-def _nuclear_index(field: Field, profile: StageProfile) -> int:
-    matched = profile.match_channels(field.channel_names)
-    if "nuclear" not in matched:
-        from islet_imaging.stages import NUCLEAR_STAIN_ALIASES
-
-        raise InputError(
-            f"no nuclear stain channel among {list(field.channel_names)}; the model needs one "
-            f"named {profile.nuclear_stain!r} or one of {list(NUCLEAR_STAIN_ALIASES)}. "
-            "Name the channels with --channel-names (e.g. DAPI,INS)",
-            field.origin.path,
-        )
-    return matched["nuclear"]
-
-
 @dataclass(frozen=True)
 class InputLimits:
     """Normalisation of a field's network input: ``(low, high)`` per channel index, and of the
@@ -217,7 +203,7 @@ def input_limits(field: Field, profile: StageProfile, config: ModelConfig) -> In
     4 M pixels; with ``profile.cluster_input == "sum"`` (and a ``"cluster"`` input), the sum's
     from the same subsample of every channel.
     """
-    nuc = _nuclear_index(field, profile)
+    nuc = profile.nuclear_channel(field.channel_names, field.origin.path)
     pct = config.percentiles
     data = field.data
     limits = {nuc: channel_percentiles(data[nuc], pct)}
