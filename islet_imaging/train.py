@@ -1017,8 +1017,9 @@ def evaluate(
     return out
 
 
-#: Threshold search: seed levels tried at the default foreground level, then foreground levels
-#: tried at the best seed level (a coordinate search: 7 post-processings per class).
+#: Threshold search: split levels (seed levels, or :data:`TUNE_SADDLES`) tried at the current
+#: foreground level, then foreground levels at the best split level (a coordinate search: 7-9
+#: post-processings per class).
 TUNE_SEEDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNE_FOREGROUNDS: tuple[float, ...] = (0.35, 0.5, 0.65)
 #: Candidates of ``nuclei_min_section`` (the nucleus floor of 2D sections through aggregates).
@@ -1026,6 +1027,12 @@ TUNE_SECTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 #: Candidates of ``clusters_outline`` below the cluster foreground level (besides ``None``, the
 #: foreground level's own outline).
 TUNE_OUTLINES: tuple[float, ...] = (0.5, 0.4, 0.3)
+#: ``clusters_saddle`` candidates for models that split clusters at saddles (``"combined"``, the
+#: default model's split): how deep a valley between two touching clusters must be to keep them
+#: apart, which is how an annotator draws touching colonies and aggregates.
+TUNE_SADDLES: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3)
+#: ``clusters_shape_h`` candidates for models that split clusters by their shape alone.
+TUNE_SHAPE_H: tuple[float, ...] = (0.15, 0.3, 0.45)
 
 
 def tune_thresholds(
@@ -1038,9 +1045,11 @@ def tune_thresholds(
 ) -> tuple[Thresholds, dict[str, float]]:
     """Tune the post-processing thresholds of each class on validation images.
 
-    A coordinate search maximising the class's mean AP over IoU 0.5–0.9: the seed level over
-    :data:`TUNE_SEEDS` at the current foreground level, then the foreground level over
-    :data:`TUNE_FOREGROUNDS` at the best seed level; then, on the images of aggregate stages
+    A coordinate search maximising the class's mean AP over IoU 0.5–0.9: the level that splits
+    touching objects (:func:`_split_level`: the seed level over :data:`TUNE_SEEDS`, or for
+    clusters split at saddles ``clusters_saddle`` over :data:`TUNE_SADDLES`) at the current
+    foreground level, then the foreground level over :data:`TUNE_FOREGROUNDS` at the best split
+    level (ties keep the current values); then, on the images of aggregate stages
     (2D sections through aggregates), ``nuclei_min_section`` over :data:`TUNE_SECTIONS`, and
     ``clusters_outline`` over :data:`TUNE_OUTLINES` by the bias of the clusters' sizes
     (:func:`_tune_outline`: the annotators' outlines decide where clusters end). The search
@@ -1091,29 +1100,46 @@ def _tune_class(
     cls_name: str,
     model_config: ModelConfig,
 ) -> tuple[Thresholds, float]:
-    """Coordinate search of one class's seed, then foreground level; returns the best and its score."""
+    """Coordinate search of one class's split level (:func:`_split_level`), then its foreground
+    level; returns the best and its score. Ties keep the current value."""
     tried: dict[tuple[float, float], float] = {}
+    split_name, candidates = _split_level(cls_name, model_config)
 
-    def thresholds(fg: float, seed: float) -> Thresholds:
-        return dataclasses.replace(
-            start, **{f"{cls_name}_foreground": fg, f"{cls_name}_seed": seed}
-        )
+    def thresholds(fg: float, split: float) -> Thresholds:
+        return dataclasses.replace(start, **{f"{cls_name}_foreground": fg, split_name: split})
 
-    def score(fg: float, seed: float) -> float:
-        if (fg, seed) not in tried:
-            tried[(fg, seed)] = evaluate(
+    def score(fg: float, split: float) -> float:
+        if (fg, split) not in tried:
+            tried[(fg, split)] = evaluate(
                 model,
                 subset,
                 model_config=model_config,
-                thresholds=thresholds(fg, seed),
+                thresholds=thresholds(fg, split),
                 predictions=maps,
             )[f"{cls_name}_map"]
-        return tried[(fg, seed)]
+        return tried[(fg, split)]
 
     fg0 = float(getattr(start, f"{cls_name}_foreground"))
-    seed = max(TUNE_SEEDS, key=lambda s: score(fg0, s))
-    fg = max((*TUNE_FOREGROUNDS, fg0), key=lambda f: score(f, seed))
-    return thresholds(fg, seed), tried[(fg, seed)]
+    split0 = float(getattr(start, split_name))
+    split = max((*candidates, split0), key=lambda v: (score(fg0, v), v == split0))
+    fg = max((*TUNE_FOREGROUNDS, fg0), key=lambda f: (score(f, split), f == fg0))
+    return thresholds(fg, split), tried[(fg, split)]
+
+
+def _split_level(cls_name: str, model_config: ModelConfig) -> tuple[str, tuple[float, ...]]:
+    """The threshold that decides where touching objects of a class are split, and its candidates.
+
+    Nuclei and clusters split from seeds of the distance map (``"distance"``): the seed level
+    (:data:`TUNE_SEEDS`). Clusters split at saddles (``"combined"``): ``clusters_saddle``
+    (:data:`TUNE_SADDLES`); by their shape alone (``"shape"``): ``clusters_shape_h``
+    (:data:`TUNE_SHAPE_H`). Unsplit clusters (``"none"``) still get their seed level tuned,
+    which then changes nothing.
+    """
+    if cls_name == "clusters" and model_config.cluster_split == "combined":
+        return "clusters_saddle", TUNE_SADDLES
+    if cls_name == "clusters" and model_config.cluster_split == "shape":
+        return "clusters_shape_h", TUNE_SHAPE_H
+    return f"{cls_name}_seed", TUNE_SEEDS
 
 
 def _tune_section(

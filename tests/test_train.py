@@ -946,6 +946,38 @@ def test_tuning_chooses_the_section_floor_on_aggregate_stages(stage: str, expect
     assert tuned.nuclei_seed == mc.thresholds.nuclei_seed  # nothing else moves
 
 
+@pytest.mark.parametrize("annotated", [2, 1])
+def test_tuning_chooses_the_saddle_the_annotations_draw(annotated: int) -> None:
+    """Two discs of radius 40 px, 50 px apart: the neck between them is a saddle 0.22 deep
+    (relative). Annotated as two clusters, the tuned ``clusters_saddle`` keeps them apart (below
+    0.22); annotated as one, it joins them (above)."""
+    from islet_imaging.models._config import ModelConfig
+    from islet_imaging.models._dataset import TrainingImage
+    from islet_imaging.train import TUNE_SADDLES, TrainingSet, _tune_class
+
+    mc = ModelConfig()
+    assert mc.cluster_split == "combined"
+    yy, xx = np.mgrid[:160, :240]
+    left, right = np.hypot(yy - 80, xx - 95) < 40, np.hypot(yy - 80, xx - 145) < 40
+    fg = (left | right).astype(np.float32)
+    # the shape alone decides: a predicted distance at its cap carries no depth information
+    maps = {
+        "nuclei_foreground": np.zeros_like(fg),
+        "clusters_foreground": fg,
+        "clusters_distance": np.where(fg > 0, 1.0, 0.0).astype(np.float32),
+    }
+    truth = (left | right).astype(np.int32)
+    if annotated == 2:
+        truth[right & (xx >= 120)] = 2
+    item = TrainingImage("x/a", np.zeros((2, 160, 240), np.float32), None, truth, stage="S4")
+    subset = TrainingSet((item,), np.ones(1))
+    tuned, value = _tune_class(None, subset, [maps], mc.thresholds, "clusters", mc)
+    assert value > 0.5
+    assert tuned.clusters_saddle in TUNE_SADDLES
+    assert (tuned.clusters_saddle < 0.22) == (annotated == 2)
+    assert tuned.clusters_seed == mc.thresholds.clusters_seed  # not the split of this model
+
+
 def test_tuning_chooses_the_outline_the_annotations_draw() -> None:
     """Cluster probability falling linearly past the annotated rim, which lies at 0.4: at the
     foreground level (0.5) the clusters come out too small, the tuned ``clusters_outline``
