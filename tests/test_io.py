@@ -748,6 +748,12 @@ def test_cli_info_bad_input_exit_code(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     out = capsys.readouterr().out
     assert "channels: DAPI" in out and "x=0.5 y=0.5" in out
+    # several files: a bad one is reported and the others are still described
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff")
+    assert main(["info", str(bad), str(tmp_path / "g.png")]) == 2
+    out = capsys.readouterr().out
+    assert "bad.tif\n  ERROR: not a readable TIFF" in out and "g.png" in out
 
 
 def test_ome_zarr_without_units_has_no_pixel_size(tmp_path: Path) -> None:

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
                     z_step=args.z_step,
                 )
             except InputError as exc:
-                if not is_folder:
-                    raise
+                if len(args.paths) == 1 and not is_folder:
+                    raise  # one file asked for: its error is the answer
                 failures += 1
                 print(f"{file.name}\n  ERROR: {exc.reason}")
                 continue
