@@ -76,9 +76,11 @@ nice -n 5 "$PY" -m islet_imaging -v train "${COMMON[@]}" \
 # the full card with the tables below, restore it with `git checkout models/default/README.md`)
 "$PY" scripts/average_models.py runs/default_stage2 runs/default_stage4 --out "$OUT" --name default --overwrite
 
-# 3. Post-processing thresholds that `train` does not tune, on tuning fields (seeds 1100-1115)
-#    and DSB val (~20 min): the cluster foreground level, the split's saddle depth, enclosed
-#    pieces and the outline level clusters grow to (clusters_outline), then the nuclear levels and the nucleus floor of sections through aggregates.
+# 3. Post-processing thresholds on tuning fields (seeds 1100-1115) and DSB val (~20 min), a larger
+#    search than `train`'s (which covers the foreground, seed and saddle levels, the section floor
+#    and the outline on validation images): the cluster foreground level, the split's saddle
+#    depth, enclosed pieces and the outline level clusters grow to (clusters_outline), then the
+#    nuclear levels, the nucleus floor of sections through aggregates and the z-stack levels.
 "$PY" scripts/tune_postprocess.py --model "$OUT" --cluster-foregrounds 0.65 \
     --saddles 0.15 0.2 0.25 0.3 --write
 "$PY" scripts/tune_postprocess.py --model "$OUT" --tune nuclei --dsb "$DSB" \
