@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -18,6 +19,8 @@ from islet_imaging.io import (
     Origin,
     PixelSize,
     as_czyx,
+    discover_images,
+    parse_plate_name,
     read_field,
     read_fields,
     read_labels,
@@ -772,6 +775,73 @@ def test_ome_zarr_without_units_has_no_pixel_size(tmp_path: Path) -> None:
     back = read_field(path)
     assert back.shape == (1, 1, 4, 5) and back.pixel_size is None
     assert back.channel_names == ("C0",)
+
+
+def write_hcs_plate(path: Path, fields: dict[str, list[Field]], version: str = "0.5") -> Path:
+    """An OME-Zarr HCS plate written by ome-zarr: ``fields[well]`` are the well's images."""
+    zarr = pytest.importorskip("zarr")
+    ome_writer = pytest.importorskip("ome_zarr.writer")
+    from ome_zarr.format import FormatV04, FormatV05
+
+    fmt = FormatV05() if version == "0.5" else FormatV04()
+    root = zarr.open_group(str(path), mode="w", zarr_format=3 if version == "0.5" else 2)
+    rows = sorted({w[0] for w in fields})
+    cols = sorted({str(int(w[1:])) for w in fields}, key=int)
+    wells = [f"{w[0]}/{int(w[1:])}" for w in fields]
+    ome_writer.write_plate_metadata(root, rows, cols, wells, fmt=fmt, name=path.stem)
+    for well, flds in fields.items():
+        group = root.require_group(well[0]).require_group(str(int(well[1:])))
+        ome_writer.write_well_metadata(group, [str(i) for i in range(len(flds))], fmt=fmt)
+        for i, f in enumerate(flds):
+            img = group.require_group(str(i))
+            assert f.pixel_size is not None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # no scale for the channel axis: 1 (expected)
+                ome_writer.write_image(
+                    f.data,
+                    img,
+                    axes="czyx",
+                    fmt=fmt,
+                    scale_factors=[],
+                    scale={"z": f.pixel_size.z or 1.0, "y": f.pixel_size.y, "x": f.pixel_size.x},
+                    axes_units={a: "micrometer" for a in "zyx"},
+                )
+            omero = {"channels": [{"label": n} for n in f.channel_names]}
+            if version == "0.5":
+                img.attrs.update({"ome": {**img.attrs["ome"], "omero": omero}})
+            else:
+                img.attrs.update({"omero": omero})
+    return path
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_hcs_plate(
+    tmp_path: Path, version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c = (
+        Field(_ramp((2, 3, 6, 7)) + 1000 * i, ("DAPI", "INS"), PixelSize(0.5, 0.5, 2.0))
+        for i in range(3)
+    )
+    plate = write_hcs_plate(tmp_path / "P7.ome.zarr", {"C05": [a], "B03": [b, c]}, version)
+    images = discover_images(plate)  # every field image, in plate order
+    assert [p.relative_to(plate).as_posix() for p in images] == ["B/3/0", "B/3/1", "C/5/0"]
+    assert discover_images(plate / "B" / "3") == images[:2]  # a well: its fields
+    back = read_field(images[1])
+    assert (back.origin.plate, back.origin.well, back.origin.field, back.name) == (
+        "P7",
+        "B03",
+        2,
+        "B03_f2",
+    )
+    assert back.channel_names == ("DAPI", "INS") and back.pixel_size == PixelSize(0.5, 0.5, 2.0)
+    np.testing.assert_array_equal(back.data, c.data)
+    assert parse_plate_name(images[2]) == ("C05", 1)
+    with pytest.raises(ImageReadError, match=r"P7\.ome\.zarr: this OME-Zarr is an HCS plate"):
+        read_field(plate)  # one image is asked for: the plate is many
+    assert main(["info", str(plate)]) == 0
+    out = capsys.readouterr().out
+    assert "B03_f2" in out and "well=C05 field=1 stage=- plate=P7" in out
+    assert "3 image file(s), 3 read" in out and "images per well: B03: 2, C05: 1" in out
 
 
 def test_ome_zarr_plate_is_refused(tmp_path: Path) -> None:

@@ -301,6 +301,24 @@ def test_z_stack_without_a_z_step_is_flagged_and_z_step_given(tmp_path: Path) ->
         segment_field(read_field(stack), stage="S6", model="classical")
 
 
+def test_score_an_ome_zarr_hcs_plate(tmp_path: Path) -> None:
+    from test_io import write_hcs_plate
+
+    fields = {}
+    for i, well in enumerate(("B03", "B04")):
+        s = synth.generate_field("S6", seed=9120 + i, size=160)
+        fields[well] = [s.field]
+    plate = write_hcs_plate(tmp_path / "run12.ome.zarr", fields)
+    out = tmp_path / "out"
+    argv = ["-q", "score", str(plate), "--stage", "S6", "--model", "classical", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--save-labels"]) == 0
+    table = pd.read_csv(out / "fields.csv")
+    assert table["image"].tolist() == ["B03_f1", "B04_f1"]
+    assert table["well"].tolist() == ["B03", "B04"] and set(table["plate"]) == {"run12"}
+    assert (out / "labels" / "B04_f1_clusters.tif").is_file()
+    assert sorted(pd.read_csv(out / "wells.csv")["well"]) == ["B03", "B04"]
+
+
 def test_cli_stage_is_required_and_fixed_thresholds(tmp_path: Path) -> None:
     plate, _pm, truth = make_plate(tmp_path)
     out = tmp_path / "out"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from islet_imaging.errors import InputError
 from islet_imaging.io._field import Field
+from islet_imaging.io._plate import hcs_position
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "describe_field", "run", "split_channel_names"]
 
@@ -88,7 +89,7 @@ def describe_field(field: Field) -> str:
         f"stage={o.stage or '-'} plate={o.plate or '-'}"
     )
     series = "" if o.series is None else f" (series {o.series})"
-    name = o.path.name if o.path is not None else field.name
+    name = o.path.name if o.path is not None and hcs_position(o.path) is None else field.name
     return (
         f"{name}{series}\n"
         f"  shape (C, Z, Y, X): {field.shape}  dtype: {field.data.dtype}  "
@@ -106,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     failures = 0
     for path in args.paths:
-        is_folder = path.is_dir() and not path.name.lower().endswith(".zarr")
-        files = discover_images(path, recursive=args.recursive) if is_folder else [path]
+        # a folder, or an OME-Zarr plate: its images (an OME-Zarr image is itself)
+        files = discover_images(path, recursive=args.recursive) if path.is_dir() else [path]
+        is_folder = files != [path]
         wells: Counter[str] = Counter()
         n_read = 0
         for file in files:

@@ -62,8 +62,12 @@ class Origin:
 
     @property
     def name(self) -> str:
-        """A short name for tables and file names: the file stem without ``.ome``."""
-        if self.path is None:
+        """A short name for tables and file names: the file stem without ``.ome``; for an image
+        inside an OME-Zarr HCS plate, its well and field (``B03_f1``)."""
+        from islet_imaging.io._plate import hcs_position
+
+        hcs = None if self.path is None else hcs_position(self.path)
+        if self.path is None or hcs is not None:
             parts = [p for p in (self.well, None if self.field is None else f"f{self.field}") if p]
             return "_".join(parts) or "field"
         name = Path(self.path).name

@@ -94,7 +94,8 @@ def normalize_well(well: str) -> str:
     return f"{m.group(1).upper()}{int(m.group(2)):02d}"
 
 
-def _strip_suffix(name: str) -> str:
+def image_stem(name: str) -> str:
+    """``name`` without its image suffix (``B03_f1.ome.tif`` → ``B03_f1``, ``P1.zarr`` → ``P1``)."""
     lower = name.lower()
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
@@ -102,24 +103,49 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
+def hcs_position(path: str | Path) -> tuple[str, str, int] | None:
+    """Plate, well and field of an image inside an OME-Zarr HCS plate, from its path.
+
+    ``PLATE.zarr/<row>/<column>/<field>`` (the NGFF plate layout) → ``("PLATE", "B03", 1)``
+    for ``PLATE.ome.zarr/B/3/0``: fields count from 1, like ``_f1`` in file names. ``None``
+    for any other path.
+    """
+    parts = Path(str(path)).parts
+    if len(parts) < 4:
+        return None
+    plate, row, col, fld = parts[-4:]
+    if not (plate.lower().endswith(".zarr") and row.isalpha() and col.isdigit() and fld.isdigit()):
+        return None
+    try:
+        well = normalize_well(f"{row}{int(col)}")
+    except InputError:
+        return None
+    return image_stem(plate), well, int(fld) + 1
+
+
 def parse_plate_name(name: str | Path) -> PlateName:
     """Parse the well and field out of a plate-style image name.
 
     Recognised: ``<WELL>_f<FIELD>`` (``B03_f1.ome.tif``; also ``-f``, ``_fld``, ``_field``,
-    ``_s``/``_site``), Opera/Operetta ``r<ROW>c<COL>f<FIELD>`` (``r02c03f01...`` → B03, field 1)
-    and a bare well (``plate1_B03.tif`` → B03, no field). Wells are normalised to ``B03``.
+    ``_s``/``_site``), Opera/Operetta ``r<ROW>c<COL>f<FIELD>`` (``r02c03f01...`` → B03, field 1),
+    a bare well (``plate1_B03.tif`` → B03, no field) and an image inside an OME-Zarr HCS plate
+    (``PLATE.zarr/B/3/0`` → B03, field 1; :func:`hcs_position`). Wells are normalised to ``B03``.
 
     Parameters
     ----------
     name : str or path
-        A file name or path; only the final component is used.
+        A file name or path; only the final component is used, except for an image inside an
+        OME-Zarr plate.
 
     Returns
     -------
     PlateName
         ``(well, field)``; parts that are not found are ``None``.
     """
-    stem = _strip_suffix(Path(str(name)).name)
+    hcs = hcs_position(name)
+    if hcs is not None:
+        return PlateName(hcs[1], hcs[2])
+    stem = image_stem(Path(str(name)).name)
     for pattern in _NAME_PATTERNS:
         m = pattern.search(stem)
         if not m:
@@ -142,12 +168,44 @@ def _is_image(path: Path) -> bool:
     return not path.name.startswith(".") and any(lower.endswith(s) for s in IMAGE_SUFFIXES)
 
 
+def _zarr_images(path: Path) -> list[Path]:
+    """The images of a ``.zarr`` folder: itself, or every field image of an HCS plate or well
+    (from the plate's ``wells`` and each well's ``images`` metadata). A folder whose metadata
+    cannot be read stays one image, for the reader to report."""
+    from islet_imaging.io._readers import zarr_attributes
+
+    try:
+        attrs = zarr_attributes(path)
+    except InputError:
+        return [path]
+    if "plate" in attrs:
+        wells = [w["path"] for w in attrs["plate"].get("wells", []) if isinstance(w, dict)]
+        images = [im for w in wells for im in _well_images(path / str(w))]
+        return images or [path]
+    if "well" in attrs:
+        return _well_images(path) or [path]
+    return [path]
+
+
+def _well_images(well: Path) -> list[Path]:
+    from islet_imaging.io._readers import zarr_attributes
+
+    try:
+        attrs = zarr_attributes(well)
+    except InputError:
+        return []
+    images = attrs.get("well", {}).get("images", [])
+    return [well / str(im["path"]) for im in images if isinstance(im, dict) and "path" in im]
+
+
 def discover_images(path: str | Path, *, recursive: bool = False) -> list[Path]:
     """The image files of a folder (or the file itself), in plate order.
 
-    Images are files ending in one of :data:`IMAGE_SUFFIXES` (``.zarr`` folders count as one image).
-    The ``labels/`` and ``truth/`` folders of the dataset layout are never entered. Files are sorted
-    by (well row, well column, field, name), files without a plate-style name last by name.
+    Images are files ending in one of :data:`IMAGE_SUFFIXES`. A ``.zarr`` folder is one image,
+    except an OME-Zarr HCS plate (or well), which stands for every field image inside it
+    (``PLATE.zarr/B/3/0``, ...; :func:`hcs_position` gives their wells). The ``labels/`` and
+    ``truth/`` folders of the dataset layout are never entered. Files are sorted by (well row,
+    well column, field, name), files without a plate-style name last by name.
 
     Parameters
     ----------
@@ -164,13 +222,14 @@ def discover_images(path: str | Path, *, recursive: bool = False) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder; give an image or a folder of images", path)
-    if path.is_file() or path.name.lower().endswith(".zarr"):
-        if not _is_image(path):
-            raise InputError(
-                f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})", path
-            )
-        return [path]
-    found: list[Path] = []
+    zarr_group = path.is_dir() and (
+        path.name.lower().endswith(".zarr")
+        or (path / "zarr.json").exists()
+        or (path / ".zattrs").exists()
+    )
+    if path.is_file() and not _is_image(path):
+        raise InputError(f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})", path)
+    found: list[Path] = [path] if path.is_file() else _zarr_images(path) if zarr_group else []
     skip = {"labels", "truth"}
 
     def walk(folder: Path) -> None:
@@ -182,9 +241,10 @@ def discover_images(path: str | Path, *, recursive: bool = False) -> list[Path]:
                     walk(child)
                 continue
             if _is_image(child):
-                found.append(child)
+                found.extend(_zarr_images(child) if child.is_dir() else [child])
 
-    walk(path)
+    if not found:
+        walk(path)
     if not found:
         raise InputError(
             f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder; give a folder of images",

@@ -733,11 +733,12 @@ def _read_png(src: Path) -> _Raw:
 
 # -- OME-Zarr --------------------------------------------------------------------------------
 def _read_zarr(src: Path, series: int | None) -> list[_Raw]:
-    attrs = _zarr_attrs(src)
+    attrs = zarr_attributes(src)
     if "plate" in attrs or "well" in attrs:
         raise ImageReadError(
             "this OME-Zarr is an HCS plate / well; give the path of one image inside it "
-            "(e.g. PLATE.zarr/B/3/0)",
+            "(e.g. PLATE.zarr/B/3/0), or give the plate to `score`, `segment` or `info` (or "
+            "islet_imaging.io.discover_images), which take every field image inside it",
             src,
         )
     multiscales = attrs.get("multiscales")
@@ -757,7 +758,14 @@ def _read_zarr(src: Path, series: int | None) -> list[_Raw]:
     return out
 
 
-def _zarr_attrs(src: Path) -> dict[str, Any]:
+def zarr_attributes(src: Path) -> dict[str, Any]:
+    """The OME metadata of a Zarr group (NGFF 0.4 ``.zattrs`` or 0.5 ``zarr.json``).
+
+    Raises
+    ------
+    ImageReadError
+        If the folder has neither file or it cannot be parsed.
+    """
     for name in ("zarr.json", ".zattrs"):
         meta_path = src / name
         if meta_path.exists():
@@ -1055,9 +1063,10 @@ def _origin(
     field: int | None,
 ) -> Origin:
     """Origin from, in priority order: the caller, the file's metadata, the file name."""
-    from islet_imaging.io._plate import normalize_well, parse_plate_name
+    from islet_imaging.io._plate import hcs_position, normalize_well, parse_plate_name
 
-    name_well, name_field = parse_plate_name(src.name)
+    name_well, name_field = parse_plate_name(src)
+    hcs = hcs_position(src)
     meta = raw.origin
     if well is not None:
         try:
@@ -1081,7 +1090,7 @@ def _origin(
         chosen_field = name_field
     return Origin(
         path=src,
-        plate=plate if plate is not None else meta.get("plate") or None,
+        plate=plate if plate is not None else meta.get("plate") or (hcs[0] if hcs else None),
         well=chosen_well,
         field=chosen_field,
         stage=stage if stage is not None else meta.get("stage") or None,
