@@ -7,7 +7,9 @@ Two test sets, neither used for training or tuning:
    fields of ``--size``² px at 0.65 µm/px for every stage (seeds 9000, 9001, ...: the same fields
    as ``benchmarks/classical_accuracy.py``); ``--n-alt`` more per stage at ``--alt-pixel-size``
    µm/px (seeds 9010+, a check of the scale handling); ``--n-3d`` z-stacks per aggregate stage
-   (S4–S6, seeds 9020+). Nuclei and clusters are matched to the truth.
+   (S4–S6, seeds 9020+); ``--n-mip`` maximum-intensity projections of ``--z-mip``-plane z-stacks
+   per aggregate stage (seeds 9400+; clusters only, against their outlines seen from above).
+   Nuclei and clusters are matched to the truth.
 2. **DSB 2018 fluorescence nuclei, ``test`` split** (``--dsb``): real images, no pixel size, so
    the nucleus diameter in pixels is given to the segmenters, estimated *without the test masks*
    in one of two ways (both reported): ``image`` — from each image alone
@@ -96,6 +98,8 @@ def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
         if profile.cluster_kind == "aggregate":
             for i in range(args.n_3d):
                 jobs.append((profile, 9020 + i, args.z, 0.65, args.size_3d, "3D"))
+            for i in range(args.n_mip):
+                jobs.append((profile, 9400 + i, args.z_mip, 0.65, args.size, "MIP"))
     z_step = args.z_step
     pairs: dict[tuple[str, str, str, str], list] = defaultdict(list)
     seconds: dict[tuple[str, str], float] = defaultdict(float)
@@ -103,14 +107,15 @@ def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
         s = generate_field(
             profile.name, seed=seed, size=size, z=z, z_step_um=z_step, pixel_size_um=px
         )
+        field, truths = s.field, {"nuclei": s.nuclei, "clusters": s.clusters}
+        if kind == "MIP":
+            field, truths = _projection(s)
         for method in args.methods:
             t0 = time.perf_counter()
-            lab = _segment(s.field, profile.name, method)
+            lab = _segment(field, profile.name, method)
             seconds[(method, kind)] += time.perf_counter() - t0
-            for cls_name, truth, pred in (
-                ("nuclei", s.nuclei, lab.nuclei),
-                ("clusters", s.clusters, lab.clusters),
-            ):
+            for cls_name, truth in truths.items():
+                pred = lab.nuclei if cls_name == "nuclei" else lab.clusters
                 pairs[(method, profile.short_name, kind, cls_name)].append((truth, pred))
         log.info("synthetic %s seed %d (%s, %.2f µm/px) done", profile.short_name, seed, kind, px)
     rows = []
@@ -144,6 +149,19 @@ def synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
             if seconds[(method, kind)]:
                 log.info("%s %s: %.1f s total", method, kind, seconds[(method, kind)])
     return rows
+
+
+def _projection(s):  # type: ignore[no-untyped-def]
+    """The maximum-intensity projection of a synthetic z-stack and its clusters' truth: each
+    aggregate's outline seen from above (where two overlap, the one with the larger label).
+    Nuclei are not scored: in a projection they overlap."""
+    import dataclasses
+
+    size = dataclasses.replace(s.field.pixel_size, z=None)
+    field = dataclasses.replace(
+        s.field, data=s.field.data.max(axis=1, keepdims=True), pixel_size=size
+    )
+    return field, {"clusters": s.clusters.max(axis=0, keepdims=True)}
 
 
 def _median_diameter_px(labels: np.ndarray) -> float | None:
@@ -241,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-3d", type=int, default=1, help="z-stacks per aggregate stage (S4-S6)")
     p.add_argument("--z", type=int, default=5, help="planes per z-stack")
     p.add_argument("--z-step", type=float, default=2.0, help="µm between z-stack planes")
+    p.add_argument(
+        "--n-mip",
+        type=int,
+        default=0,
+        help="maximum-intensity projections of z-stacks per aggregate stage (seeds 9400+; "
+        "clusters only)",
+    )
+    p.add_argument("--z-mip", type=int, default=12, help="planes of the projected z-stacks")
     p.add_argument("--size-3d", type=int, default=256, help="z-stack side (px)")
     p.add_argument("--dsb", type=Path, default=REPO.parent / "shared" / "data" / "dsb2018_fluo")
     p.add_argument(
