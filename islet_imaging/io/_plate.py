@@ -33,6 +33,7 @@ __all__ = [
     "PlateName",
     "WellInfo",
     "discover_images",
+    "hcs_position",
     "normalize_well",
     "parse_plate_name",
     "read_plate_map",
@@ -94,8 +95,7 @@ def normalize_well(well: str) -> str:
     return f"{m.group(1).upper()}{int(m.group(2)):02d}"
 
 
-def image_stem(name: str) -> str:
-    """``name`` without its image suffix (``B03_f1.ome.tif`` → ``B03_f1``, ``P1.zarr`` → ``P1``)."""
+def _strip_suffix(name: str) -> str:
     lower = name.lower()
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
@@ -120,7 +120,7 @@ def hcs_position(path: str | Path) -> tuple[str, str, int] | None:
         well = normalize_well(f"{row}{int(col)}")
     except InputError:
         return None
-    return image_stem(plate), well, int(fld) + 1
+    return _strip_suffix(plate), well, int(fld) + 1
 
 
 def parse_plate_name(name: str | Path) -> PlateName:
@@ -145,7 +145,7 @@ def parse_plate_name(name: str | Path) -> PlateName:
     hcs = hcs_position(name)
     if hcs is not None:
         return PlateName(hcs[1], hcs[2])
-    stem = image_stem(Path(str(name)).name)
+    stem = _strip_suffix(Path(str(name)).name)
     for pattern in _NAME_PATTERNS:
         m = pattern.search(stem)
         if not m:

@@ -57,6 +57,7 @@ __all__ = [
     "read_field",
     "read_fields",
     "read_labels",
+    "zarr_attributes",
 ]
 
 log = logging.getLogger(__name__)
