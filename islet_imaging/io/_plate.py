@@ -172,30 +172,38 @@ def _zarr_images(path: Path) -> list[Path]:
     """The images of a ``.zarr`` folder: itself, or every field image of an HCS plate or well
     (from the plate's ``wells`` and each well's ``images`` metadata). A folder whose metadata
     cannot be read stays one image, for the reader to report."""
-    from islet_imaging.io._readers import zarr_attributes
-
-    try:
-        attrs = zarr_attributes(path)
-    except InputError:
-        return [path]
+    attrs = _ome_attributes(path)
     if "plate" in attrs:
-        wells = [w["path"] for w in attrs["plate"].get("wells", []) if isinstance(w, dict)]
-        images = [im for w in wells for im in _well_images(path / str(w))]
+        wells = _entry_paths(attrs["plate"], "wells")
+        images = [im for w in wells for im in _well_images(path / w, _ome_attributes(path / w))]
         return images or [path]
     if "well" in attrs:
-        return _well_images(path) or [path]
+        return _well_images(path, attrs) or [path]
     return [path]
 
 
-def _well_images(well: Path) -> list[Path]:
+def _well_images(well: Path, attrs: Mapping[str, Any]) -> list[Path]:
+    """The field images of an HCS well, from its metadata ``attrs``."""
+    return [well / p for p in _entry_paths(attrs.get("well"), "images")]
+
+
+def _entry_paths(group: Any, key: str) -> list[str]:
+    """The ``path`` of each entry of ``group[key]`` (a plate's wells, a well's images); entries
+    without one are skipped (malformed metadata), as are groups that are not mappings."""
+    entries = group.get(key) if isinstance(group, Mapping) else None
+    if not isinstance(entries, list):
+        return []
+    return [str(e["path"]) for e in entries if isinstance(e, Mapping) and "path" in e]
+
+
+def _ome_attributes(path: Path) -> Mapping[str, Any]:
+    """The OME metadata of a Zarr group; empty when it has none or cannot be read."""
     from islet_imaging.io._readers import zarr_attributes
 
     try:
-        attrs = zarr_attributes(well)
+        return zarr_attributes(path)
     except InputError:
-        return []
-    images = attrs.get("well", {}).get("images", [])
-    return [well / str(im["path"]) for im in images if isinstance(im, dict) and "path" in im]
+        return {}
 
 
 def discover_images(path: str | Path, *, recursive: bool = False) -> list[Path]:
