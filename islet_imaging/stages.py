@@ -472,7 +472,7 @@ class StageProfile:
             out["nuclear"] = 0  # one unnamed channel (the readers call it C0)
         return out
 
-    def nuclear_channel(self, channel_names: Sequence[str], where: object = None) -> int:
+    def nuclear_channel(self, channel_names: Sequence[str], where: str | Path | None = None) -> int:
         """Index of the nuclear stain channel (:meth:`match_channels`).
 
         Raises
@@ -486,7 +486,7 @@ class StageProfile:
                 f"no nuclear stain channel among {list(channel_names)}; name it "
                 f"{self.nuclear_stain!r} or one of {list(NUCLEAR_STAIN_ALIASES)} with "
                 "--channel-names (e.g. DAPI,INS)",
-                where,  # type: ignore[arg-type]
+                where,
             )
         return matched["nuclear"]
 
